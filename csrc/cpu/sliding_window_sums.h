@@ -1,0 +1,144 @@
+// Sums over a window of one image plane, streamed one output row at a time.
+//
+// Column sums over the window's rows are updated as the window moves down (add the row that
+// enters, subtract the row that leaves), and each output row is then a running sum along the
+// column sums. Both steps do O(1) work per element whatever the kernel size. The sums are kept
+// in double so that long running sums of float32 data don't drift.
+//
+// A NaN or infinity would stay in a running sum after it leaves the window (inf - inf is NaN),
+// so rows holding one are summed window by window instead, which is O(kernel size) per element
+// but propagates them exactly as a direct sum does.
+#pragma once
+
+#include "../spatial_norm.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace spatialnorm::cpu {
+
+class SlidingWindowSums {
+ public:
+  // Windows reach rows.before rows up and rows.after down, likewise for columns. Parts of a
+  // window that fall outside the plane count as zero.
+  SlidingWindowSums(int64_t height, int64_t width, WindowExtent rows, WindowExtent cols)
+      : height_(height),
+        width_(width),
+        // Reaching further than the plane changes nothing, and clipping bounds the buffers.
+        rows_{std::min(rows.before, height - 1), std::min(rows.after, height - 1)},
+        cols_{std::min(cols.before, width - 1), std::min(cols.after, width - 1)},
+        // Zeros on both sides of the column sums let the running sum step in and out of the
+        // plane without branches.
+        column_sums_(static_cast<size_t>(cols_.before + 1 + width + cols_.after)),
+        row_sums_(static_cast<size_t>(width)) {}
+
+  // Calls emit(row, sums) for each row in [row_begin, row_end), where sums[x] is the sum of
+  // value(plane[r * width + x']) over the window around (row, x).
+  template <typename T, typename Value, typename Emit>
+  void run(const T* plane, int64_t row_begin, int64_t row_end, Value value, Emit emit) {
+    const int64_t first = std::max<int64_t>(0, row_begin - rows_.before);
+    const int64_t last = std::min(height_ - 1, row_end - 1 + rows_.after);
+    if (all_finite(plane + first * width_, (last - first + 1) * width_, value)) {
+      run_sliding(plane, row_begin, row_end, value, emit);
+    } else {
+      run_direct(plane, row_begin, row_end, value, emit);
+    }
+  }
+
+ private:
+  template <typename T, typename Value>
+  static bool all_finite(const T* __restrict data, int64_t count, Value value) {
+    bool finite = true;
+    for (int64_t i = 0; i < count; ++i) {
+      const double v = value(data[i]);
+      finite &= (v - v == 0.0);  // false for NaN and infinities; no branch, so it vectorizes
+    }
+    return finite;
+  }
+
+  template <typename T, typename Value, typename Emit>
+  void run_sliding(const T* plane, int64_t row_begin, int64_t row_end, Value value, Emit emit) {
+    double* columns = clear_columns();
+    const int64_t first = std::max<int64_t>(0, row_begin - rows_.before);
+    const int64_t last = std::min(height_ - 1, row_begin + rows_.after);
+    for (int64_t r = first; r <= last; ++r) {
+      update(columns, plane + r * width_, static_cast<const T*>(nullptr), value);
+    }
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      if (row > row_begin) {
+        const int64_t entering = row + rows_.after;
+        const int64_t leaving = row - rows_.before - 1;
+        update(columns, entering < height_ ? plane + entering * width_ : nullptr,
+               leaving >= 0 ? plane + leaving * width_ : nullptr, value);
+      }
+      sum_along_row(columns);
+      emit(row, static_cast<const double*>(row_sums_.data()));
+    }
+  }
+
+  template <typename T, typename Value, typename Emit>
+  void run_direct(const T* plane, int64_t row_begin, int64_t row_end, Value value, Emit emit) {
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      double* columns = clear_columns();
+      const int64_t first = std::max<int64_t>(0, row - rows_.before);
+      const int64_t last = std::min(height_ - 1, row + rows_.after);
+      for (int64_t r = first; r <= last; ++r) {
+        update(columns, plane + r * width_, static_cast<const T*>(nullptr), value);
+      }
+      for (int64_t x = 0; x < width_; ++x) {
+        double sum = 0.0;
+        for (int64_t i = -cols_.before; i <= cols_.after; ++i) {
+          sum += columns[x + i];
+        }
+        row_sums_[x] = sum;
+      }
+      emit(row, static_cast<const double*>(row_sums_.data()));
+    }
+  }
+
+  // Zeroes the column sums and their padding; returns the address of column 0.
+  double* clear_columns() {
+    std::fill(column_sums_.begin(), column_sums_.end(), 0.0);
+    return column_sums_.data() + cols_.before + 1;
+  }
+
+  template <typename T, typename Value>
+  void update(double* __restrict columns, const T* __restrict entering, const T* __restrict leaving, Value value) {
+    if (entering && leaving) {
+      for (int64_t x = 0; x < width_; ++x) {
+        columns[x] += value(entering[x]) - value(leaving[x]);
+      }
+    } else if (entering) {
+      for (int64_t x = 0; x < width_; ++x) {
+        columns[x] += value(entering[x]);
+      }
+    } else if (leaving) {
+      for (int64_t x = 0; x < width_; ++x) {
+        columns[x] -= value(leaving[x]);
+      }
+    }
+  }
+
+  void sum_along_row(const double* __restrict columns) {
+    double* __restrict out = row_sums_.data();
+    double sum = 0.0;
+    for (int64_t i = -cols_.before; i <= cols_.after; ++i) {
+      sum += columns[i];
+    }
+    out[0] = sum;
+    for (int64_t x = 1; x < width_; ++x) {
+      sum += columns[x + cols_.after] - columns[x - cols_.before - 1];
+      out[x] = sum;
+    }
+  }
+
+  int64_t height_;
+  int64_t width_;
+  WindowExtent rows_;
+  WindowExtent cols_;
+  std::vector<double> column_sums_;
+  std::vector<double> row_sums_;
+};
+
+}  // namespace spatialnorm::cpu

@@ -1,0 +1,244 @@
+// CPU kernels of spatialnorm::forward and spatialnorm::backward.
+//
+// Work is split into bands of rows of the (N*C) image planes, processed in parallel; each band
+// streams its window sums row by row (sliding_window_sums.h), so the cost per element does not
+// depend on the kernel size. 16-bit types compute in float32, window sums in float64.
+#include "../spatial_norm.h"
+#include "positive_pow.h"
+#include "sliding_window_sums.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+// The inner loops are plain arithmetic that the compiler vectorizes; build them for AVX2+FMA
+// as well as the baseline and pick at load time where the toolchain supports it. `flatten`
+// inlines every helper into each clone, so that the helpers' loops get the clone's target too.
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define SPATIALNORM_VECTORIZED __attribute__((flatten, target_clones("arch=x86-64-v3", "default")))
+#else
+#define SPATIALNORM_VECTORIZED
+#endif
+
+namespace spatialnorm::cpu {
+namespace {
+
+// Rows [row_begin, row_end) of one image plane.
+struct Band {
+  int64_t plane;
+  int64_t row_begin;
+  int64_t row_end;
+};
+
+// Splits the planes into bands of rows: whole planes when there are enough of them to keep
+// every thread busy, otherwise each plane in a few bands. A band re-reads the rows its first
+// windows reach, so bands stay several windows tall.
+class Bands {
+ public:
+  Bands(PlaneShape shape, int64_t kernel_height) : shape_(shape) {
+    const int64_t threads = at::get_num_threads();
+    const int64_t wanted = shape.planes >= threads ? 1 : (threads + shape.planes - 1) / shape.planes;
+    const int64_t tallest_useful = std::max<int64_t>(1, shape.height / std::max<int64_t>(4 * kernel_height, 16));
+    per_plane_ = std::min(wanted, tallest_useful);
+  }
+
+  int64_t count() const { return shape_.planes * per_plane_; }
+
+  Band operator[](int64_t index) const {
+    const int64_t plane = index / per_plane_;
+    const int64_t part = index % per_plane_;
+    return {plane, shape_.height * part / per_plane_, shape_.height * (part + 1) / per_plane_};
+  }
+
+ private:
+  PlaneShape shape_;
+  int64_t per_plane_;
+};
+
+// The settings turned into the constants the loops use, in the compute type.
+template <typename opmath_t>
+struct Coefficients {
+  explicit Coefficients(const Settings& s)
+      : delta(s.delta),
+        scale(s.alpha / static_cast<double>(s.window_size())),
+        neg_beta(-s.beta),
+        gradient_scale(2.0 * s.alpha * s.beta / static_cast<double>(s.window_size())) {}
+
+  // T = delta + alpha / (kw * kh) * (window sum of X^2), in a loop of its own: mixing double and
+  // float lanes in one loop keeps GCC from vectorizing it.
+  void denominators(const double* __restrict sums, opmath_t* __restrict t, int64_t width) const {
+    for (int64_t c = 0; c < width; ++c) {
+      t[c] = static_cast<opmath_t>(delta + scale * sums[c]);
+    }
+  }
+
+  double delta;
+  double scale;  // alpha / (kw * kh)
+  opmath_t neg_beta;
+  opmath_t gradient_scale;  // 2 * alpha * beta / (kw * kh)
+};
+
+// What the windows sum: the squared input in the forward pass, G in the gradient's second pass.
+struct Squared {
+  template <typename scalar_t>
+  double operator()(scalar_t v) const {
+    const double d = static_cast<double>(v);
+    return d * d;
+  }
+};
+
+struct AsIs {
+  template <typename opmath_t>
+  double operator()(opmath_t v) const {
+    return static_cast<double>(v);
+  }
+};
+
+template <typename scalar_t>
+SPATIALNORM_VECTORIZED void forward_bands(const scalar_t* input, scalar_t* output, PlaneShape shape,
+                                          const Settings& settings, const Bands& bands, int64_t begin,
+                                          int64_t end) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const Coefficients<opmath_t> k(settings);
+  const int64_t width = shape.width;
+  SlidingWindowSums window(shape.height, width, forward_extent(settings.kernel_height),
+                           forward_extent(settings.kernel_width));
+  const Power<opmath_t> power(k.neg_beta);
+  std::vector<opmath_t> denominators(static_cast<size_t>(width));
+  for (int64_t i = begin; i < end; ++i) {
+    const Band band = bands[i];
+    const scalar_t* x_plane = input + band.plane * shape.height * width;
+    scalar_t* y_plane = output + band.plane * shape.height * width;
+    window.run(x_plane, band.row_begin, band.row_end, Squared{}, [&](int64_t row, const double* sums) {
+      const scalar_t* __restrict x = x_plane + row * width;
+      scalar_t* __restrict y = y_plane + row * width;
+      opmath_t* __restrict t = denominators.data();
+      k.denominators(sums, t, width);
+      for (int64_t c = 0; c < width; ++c) {
+        y[c] = static_cast<scalar_t>(static_cast<opmath_t>(x[c]) * power(t[c]));
+      }
+    });
+  }
+}
+
+// dX = dY * T^-beta - gradient_scale * X * (sum over the mirrored window of dY * X * T^(-beta-1)).
+// Pass one streams the forward window to get T and stores G = dY * X * T^(-beta-1) for every row
+// the band's mirrored windows reach, and T^-beta for the band's rows; pass two streams the
+// mirrored window over G.
+template <typename scalar_t>
+SPATIALNORM_VECTORIZED void backward_bands(const scalar_t* grad_output, const scalar_t* input, scalar_t* grad_input,
+                                           PlaneShape shape, const Settings& settings, const Bands& bands,
+                                           int64_t begin, int64_t end) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const Coefficients<opmath_t> k(settings);
+  const int64_t width = shape.width;
+  const WindowExtent rows = forward_extent(settings.kernel_height);
+  const WindowExtent cols = forward_extent(settings.kernel_width);
+  SlidingWindowSums window(shape.height, width, rows, cols);
+  const Power<opmath_t> power(k.neg_beta);
+  std::vector<opmath_t> g_rows;
+  std::vector<opmath_t> powers;
+  std::vector<opmath_t> denominators(static_cast<size_t>(width));
+  std::vector<opmath_t> spare_powers(static_cast<size_t>(width));  // T^-beta of rows outside the band
+  for (int64_t i = begin; i < end; ++i) {
+    const Band band = bands[i];
+    const int64_t g_begin = std::max<int64_t>(0, band.row_begin - mirrored(rows).before);
+    const int64_t g_end = std::min(shape.height, band.row_end + mirrored(rows).after);
+    g_rows.resize(static_cast<size_t>((g_end - g_begin) * width));
+    powers.resize(static_cast<size_t>((band.row_end - band.row_begin) * width));
+    const int64_t offset = band.plane * shape.height * width;
+    const scalar_t* x_plane = input + offset;
+    const scalar_t* dy_plane = grad_output + offset;
+    scalar_t* dx_plane = grad_input + offset;
+
+    window.run(x_plane, g_begin, g_end, Squared{}, [&](int64_t row, const double* sums) {
+      const scalar_t* __restrict x = x_plane + row * width;
+      const scalar_t* __restrict dy = dy_plane + row * width;
+      opmath_t* __restrict g = g_rows.data() + (row - g_begin) * width;
+      const bool in_band = row >= band.row_begin && row < band.row_end;
+      opmath_t* __restrict p = in_band ? powers.data() + (row - band.row_begin) * width : spare_powers.data();
+      opmath_t* __restrict t = denominators.data();
+      k.denominators(sums, t, width);
+      for (int64_t c = 0; c < width; ++c) {
+        p[c] = power(t[c]);
+        g[c] = static_cast<opmath_t>(dy[c]) * static_cast<opmath_t>(x[c]) * (p[c] / t[c]);
+      }
+    });
+
+    SlidingWindowSums mirrored_window(g_end - g_begin, width, mirrored(rows), mirrored(cols));
+    mirrored_window.run(g_rows.data(), band.row_begin - g_begin, band.row_end - g_begin, AsIs{},
+                        [&](int64_t local_row, const double* sums) {
+                          const int64_t row = local_row + g_begin;
+                          const scalar_t* __restrict x = x_plane + row * width;
+                          const scalar_t* __restrict dy = dy_plane + row * width;
+                          const opmath_t* __restrict p = powers.data() + (row - band.row_begin) * width;
+                          scalar_t* __restrict dx = dx_plane + row * width;
+                          for (int64_t c = 0; c < width; ++c) {
+                            dx[c] = static_cast<scalar_t>(static_cast<opmath_t>(dy[c]) * p[c] -
+                                                          k.gradient_scale * static_cast<opmath_t>(x[c]) *
+                                                              static_cast<opmath_t>(sums[c]));
+                          }
+                        });
+  }
+}
+
+at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel_height, double alpha, double beta,
+                   double delta) {
+  const Settings settings{kernel_width, kernel_height, alpha, beta, delta};
+  check_settings(settings);
+  check_image(input, "input");
+  OutputBuffer output(input);
+  const PlaneShape shape = plane_shape(input);
+  if (input.numel() == 0) {
+    return output.finish();
+  }
+  const at::Tensor x = input.contiguous();
+  const Bands bands(shape, kernel_height);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_forward_cpu", [&] {
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    scalar_t* y_data = output.contiguous().mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, bands.count(), 1, [&](int64_t begin, int64_t end) {
+      forward_bands(x_data, y_data, shape, settings, bands, begin, end);
+    });
+  });
+  return output.finish();
+}
+
+at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& input, int64_t kernel_width,
+                    int64_t kernel_height, double alpha, double beta, double delta) {
+  const Settings settings{kernel_width, kernel_height, alpha, beta, delta};
+  check_settings(settings);
+  check_image(grad_output, "grad_output");
+  check_image(input, "input");
+  check_same_layout(grad_output, input);
+  OutputBuffer grad_input(input);
+  const PlaneShape shape = plane_shape(input);
+  if (input.numel() == 0) {
+    return grad_input.finish();
+  }
+  const at::Tensor x = input.contiguous();
+  const at::Tensor dy = grad_output.contiguous();
+  const Bands bands(shape, kernel_height);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_backward_cpu", [&] {
+    const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+    scalar_t* dx_data = grad_input.contiguous().mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, bands.count(), 1, [&](int64_t begin, int64_t end) {
+      backward_bands(dy_data, x_data, dx_data, shape, settings, bands, begin, end);
+    });
+  });
+  return grad_input.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(spatialnorm, CPU, m) {
+  m.impl("forward", &forward);
+  m.impl("backward", &backward);
+}
+
+}  // namespace spatialnorm::cpu

@@ -1,0 +1,65 @@
+// Definitions shared by every device's kernels: window geometry, argument checks and the
+// output layout rule. The operator schema itself lives in ops.cpp.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace spatialnorm {
+
+// How far a window reaches before and after its centre pixel along one dimension.
+struct WindowExtent {
+  int64_t before;
+  int64_t after;
+};
+
+// The forward window W: [p - k//2, p + (k-1)//2] (SPEC.md §1).
+inline WindowExtent forward_extent(int64_t kernel_size) {
+  return {kernel_size / 2, (kernel_size - 1) / 2};
+}
+
+// The gradient window M is the mirror image of W.
+inline WindowExtent mirrored(WindowExtent extent) {
+  return {extent.after, extent.before};
+}
+
+// Settings of one call, as the schema passes them.
+struct Settings {
+  int64_t kernel_width;
+  int64_t kernel_height;
+  double alpha;
+  double beta;
+  double delta;
+
+  int64_t window_size() const { return kernel_width * kernel_height; }
+};
+
+// Throw a c10::Error naming the offending argument; nothing has been touched when they do.
+void check_settings(const Settings& settings);
+void check_image(const at::Tensor& tensor, const char* name);
+void check_same_layout(const at::Tensor& grad_output, const at::Tensor& input);
+
+// A tensor shaped (planes, height, width) view of a 3-D or 4-D image.
+struct PlaneShape {
+  int64_t planes;
+  int64_t height;
+  int64_t width;
+};
+PlaneShape plane_shape(const at::Tensor& image);
+
+// The output of an op is laid out like its input (empty_like's preserve_format). Kernels write
+// into a contiguous buffer: the output itself where it is contiguous, else a temporary that
+// `finish` copies back.
+class OutputBuffer {
+ public:
+  explicit OutputBuffer(const at::Tensor& input);
+  const at::Tensor& contiguous() const { return contiguous_; }
+  at::Tensor finish();
+
+ private:
+  at::Tensor result_;
+  at::Tensor contiguous_;
+};
+
+}  // namespace spatialnorm

@@ -1,0 +1,29 @@
+"""Helpers shared by the test files: random inputs and comparison against the float64 reference."""
+
+import torch
+
+from torch_spatialnorm import reference
+
+# ‖got − ref‖ / ‖ref‖ bars by compute dtype (16-bit types compute in float32 but round their I/O).
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    got, expected = got.double().cpu(), expected.double().cpu()
+    return ((got - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+def random_image(shape, scale=1.0, generator=None, dtype=torch.float64):
+    """Fresh values in roughly [-scale, scale], with a spread of magnitudes."""
+    x = torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+    return x.to(dtype)
+
+
+def expected_forward(x, kernel_width, kernel_height, alpha, beta, delta):
+    return reference.spatial_normalization(x.double().cpu(), kernel_width, kernel_height, alpha, beta, delta)
+
+
+def expected_gradient(dy, x, kernel_width, kernel_height, alpha, beta, delta):
+    return reference.spatial_normalization_gradient(
+        dy.double().cpu(), x.double().cpu(), kernel_width, kernel_height, alpha, beta, delta
+    )

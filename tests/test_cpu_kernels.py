@@ -1,0 +1,86 @@
+"""The CPU kernels against the float64 reference: shapes, kernel sizes, settings and dtypes."""
+
+import pytest
+import torch
+
+import torch_spatialnorm as sn
+from helpers import TOLERANCE, expected_forward, expected_gradient, random_image, relative_error
+
+KERNELS = [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (8, 8), (13, 13), (3, 5), (8, 3), (1, 7), (40, 40)]
+SHAPES = [(2, 3, 17, 23), (1, 2, 9, 9), (4, 6, 5), (1, 1, 1, 1), (3, 1, 30, 2)]
+SETTINGS = [dict(alpha=1.0, beta=5.0, delta=1.0), dict(alpha=1e-2, beta=0.75, delta=2.0), dict(alpha=3.0, beta=-0.5, delta=0.5)]
+
+
+def check_both_ways(x, dy, kernel, settings, dtype):
+    kw, kh = kernel
+    y = sn.spatial_normalization(x.to(dtype), kw, kh, **settings)
+    dx = sn.spatial_normalization_gradient(dy.to(dtype), x.to(dtype), kw, kh, **settings)
+    for got, expected in [(y, expected_forward(x, kw, kh, **settings)), (dx, expected_gradient(dy, x, kw, kh, **settings))]:
+        assert got.dtype == dtype and got.shape == x.shape
+        assert torch.isfinite(got).all(), "an output element was not written or overflowed"
+        assert relative_error(got, expected) < TOLERANCE[dtype]
+        # Element by element too, so that no single pixel can hide in the norm.
+        torch.testing.assert_close(got.double(), expected, rtol=100 * TOLERANCE[dtype], atol=1e-3 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference_float64(shape, kernel, generator):
+    x = random_image(shape, 3.0, generator)
+    dy = random_image(shape, 1.0, generator)
+    check_both_ways(x, dy, kernel, SETTINGS[1], torch.float64)
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+@pytest.mark.parametrize("kernel", [(3, 3), (4, 4), (5, 2), (13, 13)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matches_reference_lower_precision(dtype, kernel, settings, generator):
+    shape = (2, 3, 21, 19)
+    x = random_image(shape, 2.0, generator).to(dtype).double()  # exactly representable in dtype
+    dy = random_image(shape, 1.0, generator).to(dtype).double()
+    check_both_ways(x, dy, kernel, settings, dtype)
+
+
+@pytest.mark.parametrize("kernel", [(5, 5), (64, 64), (17, 64)])
+def test_float32_accuracy_bar_large_images_and_values(kernel, generator):
+    """The accuracy bar: float32 within 2e-5 of float64 for 300x300 images, values up to ±1e3."""
+    shape = (1, 2, 300, 300)
+    x = (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * 1e3
+    dy = random_image(shape, 1.0, generator)
+    settings = dict(alpha=1.0, beta=0.75, delta=1.0)
+    x32 = x.float()
+    y = sn.spatial_normalization(x32, *kernel, **settings)
+    dx = sn.spatial_normalization_gradient(dy.float(), x32, *kernel, **settings)
+    assert relative_error(y, expected_forward(x32.double(), *kernel, **settings)) < 2e-5
+    assert relative_error(dx, expected_gradient(dy.float().double(), x32.double(), *kernel, **settings)) < 2e-5
+
+
+def test_few_planes_are_split_into_bands(generator):
+    """One tall plane runs as several bands of rows in parallel; their seams must not show."""
+    x = random_image((1, 1, 257, 31), 2.0, generator)
+    dy = random_image((1, 1, 257, 31), 1.0, generator)
+    for threads in (1, 2, 5):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            check_both_ways(x, dy, (3, 7), SETTINGS[0], torch.float64)
+        finally:
+            torch.set_num_threads(previous)
+
+
+def test_nan_and_inf_propagate():
+    x = torch.randn(1, 1, 8, 8, dtype=torch.float64)
+    x[0, 0, 4, 4] = float("nan")
+    y = sn.spatial_normalization(x.float(), 3)
+    expected = expected_forward(x, 3, 3, 1.0, 5.0, 1.0)
+    assert torch.equal(torch.isnan(y), torch.isnan(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_power_edge_cases(dtype):
+    """beta = 0 is the identity; a huge denominator underflows to 0 like the reference."""
+    x = torch.randn(2, 3, 10, 10, dtype=dtype) * 1e3
+    torch.testing.assert_close(sn.spatial_normalization(x, 3, beta=0.0), x)
+    y = sn.spatial_normalization(x, 3, alpha=1.0, beta=20.0, delta=1.0)
+    expected = expected_forward(x.double(), 3, 3, 1.0, 20.0, 1.0).to(dtype)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=0)

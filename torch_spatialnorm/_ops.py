@@ -1,0 +1,123 @@
+"""Python-side registrations for the ``spatialnorm`` operators declared in csrc/ops.cpp.
+
+Importing this module loads the compiled kernels (CPU, and CUDA where built) and adds the fake
+kernels, the autograd formulas, and the reference implementation for devices without a kernel.
+"""
+
+import warnings
+
+import torch
+
+from . import _C  # noqa: F401  (registers the schema and the compiled kernels)
+from . import reference
+from ._validation import check_image, check_same_layout, check_settings
+
+forward = torch.ops.spatialnorm.forward
+backward = torch.ops.spatialnorm.backward
+
+
+def _check_forward_args(input, kernel_width, kernel_height, alpha, beta, delta):
+    check_settings(kernel_width, kernel_height, alpha, beta, delta)
+    check_image(input, "input")
+
+
+def _check_backward_args(grad_output, input, kernel_width, kernel_height, alpha, beta, delta):
+    check_settings(kernel_width, kernel_height, alpha, beta, delta)
+    check_image(grad_output, "grad_output")
+    check_image(input, "input")
+    check_same_layout(grad_output, input)
+
+
+@torch.library.register_fake("spatialnorm::forward")
+def _forward_fake(input, kernel_width, kernel_height, alpha, beta, delta):
+    _check_forward_args(input, kernel_width, kernel_height, alpha, beta, delta)
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("spatialnorm::backward")
+def _backward_fake(grad_output, input, kernel_width, kernel_height, alpha, beta, delta):
+    _check_backward_args(grad_output, input, kernel_width, kernel_height, alpha, beta, delta)
+    return torch.empty_like(input)
+
+
+# Devices with no kernel of ours run the reference, after saying so once per device type.
+_warned_device_types = set()
+
+
+def _warn_once_about_fallback(device):
+    if device.type not in _warned_device_types:
+        _warned_device_types.add(device.type)
+        warnings.warn(
+            f"torch_spatialnorm has no kernel for the {device.type} device; using the pure-PyTorch "
+            "reference implementation, which is slower and uses more memory",
+            stacklevel=3,
+        )
+
+
+def _laid_out_like(input, result):
+    """``result`` in the layout the compiled kernels give: empty_like(input)'s."""
+    output = torch.empty_like(input)
+    output.copy_(result)
+    return output
+
+
+@torch.library.register_kernel("spatialnorm::forward", None)
+def _forward_reference(input, kernel_width, kernel_height, alpha, beta, delta):
+    _check_forward_args(input, kernel_width, kernel_height, alpha, beta, delta)
+    _warn_once_about_fallback(input.device)
+    return _laid_out_like(input, reference.spatial_normalization(input, kernel_width, kernel_height, alpha, beta, delta))
+
+
+@torch.library.register_kernel("spatialnorm::backward", None)
+def _backward_reference(grad_output, input, kernel_width, kernel_height, alpha, beta, delta):
+    _check_backward_args(grad_output, input, kernel_width, kernel_height, alpha, beta, delta)
+    _warn_once_about_fallback(input.device)
+    result = reference.spatial_normalization_gradient(grad_output, input, kernel_width, kernel_height, alpha, beta, delta)
+    return _laid_out_like(input, result)
+
+
+# Autograd of the forward op: its backward is the gradient kernel, and only the input is saved.
+def _forward_setup_context(ctx, inputs, output):
+    input, *settings = inputs
+    ctx.settings = settings
+    ctx.save_for_backward(input)
+
+
+def _forward_backward(ctx, grad_output):
+    (input,) = ctx.saved_tensors
+    return (backward(grad_output.contiguous(), input, *ctx.settings), None, None, None, None, None)
+
+
+torch.library.register_autograd("spatialnorm::forward", _forward_backward, setup_context=_forward_setup_context)
+
+
+# Autograd of the gradient op (double backward of the forward), as a composite of PyTorch ops.
+# With dX = dY*P - c*X*R, P = T^-beta, Q = P/T, R = M(dY*X*Q), T = delta + a*W(X^2), where W and M
+# are the window sums, a = alpha/(kw*kh) and c = 2*alpha*beta/(kw*kh), and the incoming gradient
+# V of dX, write U = W(X*V); then
+#   d/d(dY) = V*P - c*X*Q*U
+#   d/dT    = -beta*V*dY*Q + c*(beta+1)*U*dY*X*Q/T
+#   d/dX    = -c*V*R - c*U*dY*Q + 2*a*X*M(d/dT)
+def _backward_setup_context(ctx, inputs, output):
+    grad_output, input, *settings = inputs
+    ctx.settings = settings
+    ctx.save_for_backward(grad_output, input)
+
+
+def _backward_backward(ctx, v):
+    dy, x = ctx.saved_tensors
+    kernel_width, kernel_height, alpha, beta, delta = ctx.settings
+    a = alpha / (kernel_width * kernel_height)
+    c = 2.0 * alpha * beta / (kernel_width * kernel_height)
+    t = delta + a * reference.window_sum(x * x, kernel_width, kernel_height)
+    p = t.pow(-beta)
+    q = p / t
+    r = reference.window_sum(dy * x * q, kernel_width, kernel_height, mirrored=True)
+    u = reference.window_sum(x * v, kernel_width, kernel_height)
+    grad_dy = v * p - c * x * q * u
+    grad_t = -beta * v * dy * q + c * (beta + 1.0) * u * dy * x * q / t
+    grad_x = -c * v * r - c * u * dy * q + 2.0 * a * x * reference.window_sum(grad_t, kernel_width, kernel_height, mirrored=True)
+    return grad_dy, grad_x, None, None, None, None, None
+
+
+torch.library.register_autograd("spatialnorm::backward", _backward_backward, setup_context=_backward_setup_context)

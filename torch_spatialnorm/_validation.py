@@ -1,0 +1,62 @@
+"""Argument checks shared by the Python API, the fake kernels and the Python-side device kernels.
+
+The messages match the C++ checks (csrc/spatial_norm.cpp) word for word, so an error reads the
+same whichever device raised it.
+"""
+
+import math
+import numbers
+
+import torch
+
+
+def check_kernel_size(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _check_real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_alpha(value) -> float:
+    value = _check_real("alpha", value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"alpha must be finite and >= 0, got {value}")
+    return value
+
+
+def check_finite(name: str, value) -> float:
+    value = _check_real(name, value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_settings(kernel_width, kernel_height, alpha, beta, delta):
+    """Validated (kernel_width, kernel_height, alpha, beta, delta); kernel_height None means square."""
+    kernel_width = check_kernel_size("kernel_width", kernel_width)
+    kernel_height = kernel_width if kernel_height is None else check_kernel_size("kernel_height", kernel_height)
+    return kernel_width, kernel_height, check_alpha(alpha), check_finite("beta", beta), check_finite("delta", delta)
+
+
+def check_image(tensor, name: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() not in (3, 4):
+        raise ValueError(f"{name} must be a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, got a {tensor.dim()}-D tensor")
+    if not tensor.dtype.is_floating_point:
+        raise TypeError(f"{name} must have a floating-point dtype, got {tensor.dtype}")
+    if tensor.device.type == "mps" and tensor.dtype == torch.float64:
+        raise TypeError(f"{name} has dtype torch.float64, which the mps device cannot run (Metal has no double)")
+
+
+def check_same_layout(grad, image, grad_name: str = "grad_output", image_name: str = "input") -> None:
+    for what in ("shape", "device", "dtype"):
+        a, b = getattr(grad, what), getattr(image, what)
+        if a != b:
+            error = TypeError if what == "dtype" else ValueError
+            raise error(f"{grad_name} and {image_name} must have the same {what}, got {a} and {b}")

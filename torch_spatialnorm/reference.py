@@ -1,0 +1,45 @@
+"""Pure-PyTorch spatial normalization, written straight from SPEC.md §1.
+
+It is the ground truth of the tests (run it in float64), and the implementation used on devices
+that have no kernel of this package. Both functions are differentiable to any order.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def window_sum(x: torch.Tensor, kernel_width: int, kernel_height: int, mirrored: bool = False) -> torch.Tensor:
+    """Sum of ``x`` over each pixel's window, pixels outside the image counting as zero.
+
+    The window W reaches ``k // 2`` before the pixel and ``(k - 1) // 2`` after it; the gradient's
+    window M (``mirrored=True``) is its mirror image.
+    """
+    left, right = kernel_width // 2, (kernel_width - 1) // 2
+    top, bottom = kernel_height // 2, (kernel_height - 1) // 2
+    if mirrored:
+        left, right, top, bottom = right, left, bottom, top
+    padded = F.pad(x, (left, right, top, bottom))
+    return F.avg_pool2d(padded, (kernel_height, kernel_width), stride=1, divisor_override=1)
+
+
+def _denominator(x, kernel_width, kernel_height, alpha, delta):
+    """T = delta + alpha / (kw * kh) * sum of x^2 over the window."""
+    return delta + alpha / (kernel_width * kernel_height) * window_sum(x * x, kernel_width, kernel_height)
+
+
+def spatial_normalization(x, kernel_width, kernel_height=None, alpha=1.0, beta=5.0, delta=1.0):
+    kernel_height = kernel_width if kernel_height is None else kernel_height
+    t = _denominator(x, kernel_width, kernel_height, alpha, delta)
+    return x * t.pow(-beta)
+
+
+def spatial_normalization_gradient(
+    source_gradient, source_image, kernel_width, kernel_height=None, alpha=1.0, beta=5.0, delta=1.0
+):
+    """dL/dX from dL/dY and X: the exact derivative of :func:`spatial_normalization`."""
+    kernel_height = kernel_width if kernel_height is None else kernel_height
+    dy, x = source_gradient, source_image
+    t = _denominator(x, kernel_width, kernel_height, alpha, delta)
+    power = t.pow(-beta)
+    neighbours = window_sum(dy * x * power / t, kernel_width, kernel_height, mirrored=True)
+    return dy * power - (2.0 * alpha * beta / (kernel_width * kernel_height)) * x * neighbours
