@@ -61,19 +61,21 @@ def _laid_out_like(input, result):
     return output
 
 
-@torch.library.register_kernel("spatialnorm::forward", None)
 def _forward_reference(input, kernel_width, kernel_height, alpha, beta, delta):
     _check_forward_args(input, kernel_width, kernel_height, alpha, beta, delta)
     _warn_once_about_fallback(input.device)
     return _laid_out_like(input, reference.spatial_normalization(input, kernel_width, kernel_height, alpha, beta, delta))
 
 
-@torch.library.register_kernel("spatialnorm::backward", None)
 def _backward_reference(grad_output, input, kernel_width, kernel_height, alpha, beta, delta):
     _check_backward_args(grad_output, input, kernel_width, kernel_height, alpha, beta, delta)
     _warn_once_about_fallback(input.device)
     result = reference.spatial_normalization_gradient(grad_output, input, kernel_width, kernel_height, alpha, beta, delta)
     return _laid_out_like(input, result)
+
+
+torch.library.register_kernel("spatialnorm::forward", None, _forward_reference)
+torch.library.register_kernel("spatialnorm::backward", None, _backward_reference)
 
 
 # Autograd of the forward op: its backward is the gradient kernel, and only the input is saved.
