@@ -1,7 +1,7 @@
 """Spatial (within-channel) local response normalization for PyTorch, with the semantics of
 Apple's ``MPSCNNSpatialNormalization`` and ``MPSCNNSpatialNormalizationGradient``."""
 
-from . import reference
+from . import mps, reference
 from .functional import spatial_normalization, spatial_normalization_gradient
 from .modules import SpatialNormalization, SpatialNormalizationGradient
 
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SpatialNormalization",
     "SpatialNormalizationGradient",
+    "mps",
     "reference",
     "spatial_normalization",
     "spatial_normalization_gradient",

@@ -10,6 +10,7 @@ import torch
 
 from . import _C  # noqa: F401  (registers the schema and the compiled kernels)
 from . import reference
+from ._layout import laid_out_like
 from ._validation import check_image, check_same_layout, check_settings
 
 forward = torch.ops.spatialnorm.forward
@@ -54,24 +55,17 @@ def _warn_once_about_fallback(device):
         )
 
 
-def _laid_out_like(input, result):
-    """``result`` in the layout the compiled kernels give: empty_like(input)'s."""
-    output = torch.empty_like(input)
-    output.copy_(result)
-    return output
-
-
 def _forward_reference(input, kernel_width, kernel_height, alpha, beta, delta):
     _check_forward_args(input, kernel_width, kernel_height, alpha, beta, delta)
     _warn_once_about_fallback(input.device)
-    return _laid_out_like(input, reference.spatial_normalization(input, kernel_width, kernel_height, alpha, beta, delta))
+    return laid_out_like(input, reference.spatial_normalization(input, kernel_width, kernel_height, alpha, beta, delta))
 
 
 def _backward_reference(grad_output, input, kernel_width, kernel_height, alpha, beta, delta):
     _check_backward_args(grad_output, input, kernel_width, kernel_height, alpha, beta, delta)
     _warn_once_about_fallback(input.device)
     result = reference.spatial_normalization_gradient(grad_output, input, kernel_width, kernel_height, alpha, beta, delta)
-    return _laid_out_like(input, result)
+    return laid_out_like(input, result)
 
 
 torch.library.register_kernel("spatialnorm::forward", None, _forward_reference)

@@ -50,8 +50,6 @@ def check_image(tensor, name: str) -> None:
         raise ValueError(f"{name} must be a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, got a {tensor.dim()}-D tensor")
     if not tensor.dtype.is_floating_point:
         raise TypeError(f"{name} must have a floating-point dtype, got {tensor.dtype}")
-    if tensor.device.type == "mps" and tensor.dtype == torch.float64:
-        raise TypeError(f"{name} has dtype torch.float64, which the mps device cannot run (Metal has no double)")
 
 
 def check_same_layout(grad, image, grad_name: str = "grad_output", image_name: str = "input") -> None:
