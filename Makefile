@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.requirements-installed
 BUILT := $(VENV)/.extension-built
 SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
 
-.PHONY: all demo test bench clean
+.PHONY: all demo test bench clean clang
 
 all: $(BUILT)
 
@@ -24,8 +24,16 @@ $(BUILT): $(INSTALLED) $(SOURCES)
 demo: $(BUILT)
 	$(PY) -m torch_spatialnorm.demo
 
-test: $(BUILT)
+# The Metal tests syntax-check the kernels with clang 19 (Debian's clang-19 package).
+CLANG := clang++-19
+
+test: $(BUILT) clang
 	$(PY) -m pytest -q tests
+
+clang:
+	@command -v $(CLANG) >/dev/null || { command -v apt-get >/dev/null && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 >/dev/null); } || \
+		{ echo "make test needs $(CLANG): install Debian's clang-19 package" >&2; exit 1; }
 
 bench: $(BUILT)
 	$(PY) benchmarks/bench.py --device cpu

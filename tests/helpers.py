@@ -4,6 +4,15 @@ import torch
 
 from torch_spatialnorm import reference
 
+# The cases every device's kernels are run over.
+KERNELS = [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (8, 8), (13, 13), (3, 5), (8, 3), (1, 7), (40, 40)]
+SHAPES = [(2, 3, 17, 23), (1, 2, 9, 9), (4, 6, 5), (1, 1, 1, 1), (3, 1, 30, 2)]
+SETTINGS = [
+    dict(alpha=1.0, beta=5.0, delta=1.0),
+    dict(alpha=1e-2, beta=0.75, delta=2.0),
+    dict(alpha=3.0, beta=-0.5, delta=0.5),
+]
+
 # ‖got − ref‖ / ‖ref‖ bars by compute dtype (16-bit types compute in float32 but round their I/O).
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 

@@ -4,11 +4,7 @@ import pytest
 import torch
 
 import torch_spatialnorm as sn
-from helpers import TOLERANCE, expected_forward, expected_gradient, random_image, relative_error
-
-KERNELS = [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5), (8, 8), (13, 13), (3, 5), (8, 3), (1, 7), (40, 40)]
-SHAPES = [(2, 3, 17, 23), (1, 2, 9, 9), (4, 6, 5), (1, 1, 1, 1), (3, 1, 30, 2)]
-SETTINGS = [dict(alpha=1.0, beta=5.0, delta=1.0), dict(alpha=1e-2, beta=0.75, delta=2.0), dict(alpha=3.0, beta=-0.5, delta=0.5)]
+from helpers import KERNELS, SETTINGS, SHAPES, TOLERANCE, expected_forward, expected_gradient, random_image, relative_error
 
 
 def check_both_ways(x, dy, kernel, settings, dtype):

@@ -9,7 +9,9 @@ storage offset, strides ignored; a Python int as 8 bytes (int64); a Python float
 (float32). Bindings that the real one would get silently wrong are refused with BindingError:
 a scalar of the wrong byte size, a tensor whose dtype differs from the pointer's type, a missing
 or extra argument. Every buffer is surrounded by guard zones filled with NaN bytes; a write
-outside a buffer is reported, and a read outside it yields NaN.
+outside a buffer is reported, and a read outside it yields NaN. Buffers the kernel may write
+(``device T*`` without const) are filled with NaN before the run, so an element the kernel
+fails to write shows up as NaN.
 
 Threads run one after another, in reverse order, which is faithful for kernels without
 threadgroup memory or barriers (those are refused, as this emulator does not model them).
@@ -57,12 +59,14 @@ class Parameter:
     address_space: str  # "device", "constant" or "" for thread attributes
     scalar_type: str
     is_pointer: bool
+    is_const: bool
     attribute: str  # "buffer" or a thread attribute
     index: int  # buffer index, -1 for thread attributes
 
     @property
     def declaration(self) -> str:
-        return f"{self.address_space} {self.scalar_type}{'*' if self.is_pointer else '&'} {self.name}"
+        const = "const " if self.is_const and self.address_space == "device" else ""
+        return f"{self.address_space} {const}{self.scalar_type}{'*' if self.is_pointer else '&'} {self.name}"
 
 
 @dataclass(frozen=True)
@@ -103,10 +107,13 @@ def _parse_parameter(text: str, substitutions: dict) -> Parameter:
     if match["attr"] == "buffer":
         if match["space"] not in ("device", "constant") or not match["ref"]:
             raise ValueError(f"buffer parameter {match['name']!r} must be a device/constant pointer or reference")
-        return Parameter(match["name"], match["space"], scalar_type, match["ref"] == "*", "buffer", int(match["index"]))
+        is_const = match["space"] == "constant" or bool(match["const"])
+        return Parameter(
+            match["name"], match["space"], scalar_type, match["ref"] == "*", is_const, "buffer", int(match["index"])
+        )
     if match["attr"] not in THREAD_ATTRIBUTES or scalar_type != "uint":
         raise ValueError(f"parameter {text!r}: only `uint name [[thread_position_in_grid]]` is emulated")
-    return Parameter(match["name"], "", scalar_type, False, match["attr"], -1)
+    return Parameter(match["name"], "", scalar_type, False, True, match["attr"], -1)
 
 
 _INSTANTIATION = re.compile(
@@ -209,13 +216,13 @@ def syntax_check_address_spaces(source_path, compiler: str = "clang++-19") -> No
 class _Buffer:
     """A tensor's raw storage from its storage offset, copied between NaN guard zones."""
 
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
+    def __init__(self, tensor: torch.Tensor, poison: bool):
         storage = tensor.untyped_storage()
         start = tensor.storage_offset() * tensor.element_size()
         self.data = torch.empty(0, dtype=torch.uint8).set_(storage)[start:]
         self.padded = torch.full((GUARD_BYTES + self.data.numel() + GUARD_BYTES,), 0xFF, dtype=torch.uint8)
-        self.padded[GUARD_BYTES : GUARD_BYTES + self.data.numel()] = self.data
+        if not poison:
+            self.padded[GUARD_BYTES : GUARD_BYTES + self.data.numel()] = self.data
         self.guard = self.padded.clone()
 
     def address(self) -> int:
@@ -286,7 +293,7 @@ class EmulatedLibrary:
                     raise BindingError(f"{p.name}: tensor of dtype {value.dtype} bound to `{p.declaration}`")
                 if value.device.type != "cpu":
                     raise BindingError(f"{p.name}: the emulator runs on CPU tensors, got {value.device}")
-                buffer = _Buffer(value)
+                buffer = _Buffer(value, poison=not p.is_const)
                 tensors.append((buffer, p.name))
                 bound.append(ctypes.c_void_p(buffer.address()))
             else:
