@@ -12,7 +12,8 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <ATen/TensorOperators.h>
+#include <c10/cuda/CUDAStream.h>
 #include <ATen/ops/avg_pool2d.h>
 #include <ATen/ops/constant_pad_nd.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -114,7 +115,7 @@ __global__ void forward_kernel(const scalar_t* __restrict__ input, scalar_t* __r
   // The window of row_begin - 1, so that every row below adds one row and drops one.
   RunningSum vertical;
   if (in_image) {
-    for (int64_t r = max<int64_t>(0, row_begin - w.top - 1); r <= min(height - 1, row_begin + w.bottom - 1); ++r) {
+    for (int64_t r = max(int64_t{0}, row_begin - w.top - 1); r <= min(height - 1, row_begin + w.bottom - 1); ++r) {
       vertical.add(squared(x[r * width + column]), 1);
     }
   }
@@ -167,7 +168,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const 
   const int64_t row_begin = block.band * band_rows;
   const int64_t row_end = min(height, row_begin + band_rows);
   // M reaches w.bottom rows up and w.top rows down.
-  const int64_t g_begin = max<int64_t>(0, row_begin - w.bottom);
+  const int64_t g_begin = max(int64_t{0}, row_begin - w.bottom);
   const int64_t g_end = row_end + w.top;  // rows past the image have G = 0
 
   for (int i = 0; i < ring_rows; ++i) {
@@ -175,7 +176,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const 
   }
   RunningSum squares;
   if (in_image) {
-    for (int64_t r = max<int64_t>(0, g_begin - w.top - 1); r <= min(height - 1, g_begin + w.bottom - 1); ++r) {
+    for (int64_t r = max(int64_t{0}, g_begin - w.top - 1); r <= min(height - 1, g_begin + w.bottom - 1); ++r) {
       squares.add(squared(x[r * width + column]), 1);
     }
   }
@@ -292,7 +293,7 @@ at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_forward_cuda", [&] {
     auto kernel = forward_kernel<scalar_t>;
     allow_shared_memory(kernel, launch.shared_bytes);
-    kernel<<<launch.blocks(shape.planes), launch.threads, launch.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(
+    kernel<<<launch.blocks(shape.planes), launch.threads, launch.shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(
         x.const_data_ptr<scalar_t>(), output.contiguous().mutable_data_ptr<scalar_t>(), shape.height, shape.width,
         launch.strips, launch.bands, launch.band_rows, extents(settings),
         coefficients<at::opmath_type<scalar_t>>(settings));
@@ -325,7 +326,7 @@ at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& input, int6
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_backward_cuda", [&] {
     auto kernel = backward_kernel<scalar_t>;
     allow_shared_memory(kernel, launch.shared_bytes);
-    kernel<<<launch.blocks(shape.planes), launch.threads, launch.shared_bytes, at::cuda::getCurrentCUDAStream()>>>(
+    kernel<<<launch.blocks(shape.planes), launch.threads, launch.shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(
         dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), grad_input.contiguous().mutable_data_ptr<scalar_t>(),
         shape.height, shape.width, launch.strips, launch.bands, launch.band_rows, extents(settings),
         coefficients<at::opmath_type<scalar_t>>(settings));

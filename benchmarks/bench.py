@@ -1,0 +1,226 @@
+"""Spatial normalization: torch_spatialnorm against what a PyTorch user writes without it.
+
+Times, in one process, forward and forward+backward of
+  - ours:      torch_spatialnorm.spatial_normalization
+  - eager:     the composite a user writes today (F.pad + F.avg_pool2d + pow, autograd)
+  - compiled:  that composite under torch.compile
+over kernel sizes and shapes, and reports medians with their spread, the ratios, the bytes each
+implementation saves for backward (saved_tensors_hooks) and, where the device's allocator keeps
+statistics, the peak extra memory of forward+backward. Prints a Markdown table and writes a CSV
+and a PNG plot (time against kernel size) to --out.
+
+    python benchmarks/bench.py --device cpu --shapes typical
+"""
+
+import argparse
+import csv
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import torch_spatialnorm as sn
+
+SHAPES = {
+    "cpu": {"small": (2, 16, 32, 32), "typical": (8, 64, 56, 56), "large": (1, 4, 512, 512)},
+    "cuda": {"small": (8, 64, 56, 56), "typical": (32, 64, 112, 112), "large": (4, 16, 1024, 1024)},
+    "mps": {"small": (2, 16, 32, 32), "typical": (8, 64, 56, 56), "large": (1, 4, 512, 512)},
+}
+SETTINGS = dict(alpha=1e-2, beta=0.75, delta=1.0)
+
+
+def composite(x, kernel_width, kernel_height, alpha, beta, delta):
+    """Spatial normalization as a user writes it with PyTorch ops (same math as SPEC.md §1)."""
+    squares = F.pad(x * x, (kernel_width // 2, (kernel_width - 1) // 2, kernel_height // 2, (kernel_height - 1) // 2))
+    mean = F.avg_pool2d(squares, (kernel_height, kernel_width), stride=1)  # sum / (kw * kh)
+    return x * (delta + alpha * mean).pow(-beta)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def measure(fn, device, budget_s, min_runs=5, max_runs=200):
+    """Median and spread (min, max) in milliseconds, after warm-up, within about budget_s."""
+    fn()
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    once = time.perf_counter() - start
+    runs = int(min(max_runs, max(min_runs, budget_s / max(once, 1e-6))))
+    times = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times), min(times), max(times), runs
+
+
+def saved_bytes(forward, x):
+    """Bytes of the distinct tensors autograd saves for backward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward(x.detach().requires_grad_())
+    return sum(storages.values())
+
+
+def peak_extra_bytes(step, device):
+    """Peak memory above what was allocated before a forward+backward, where the allocator says."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def implementations(compile_composite):
+    impls = {"ours": sn.spatial_normalization, "eager": composite}
+    if compile_composite:
+        impls["compiled"] = torch.compile(composite, dynamic=False)
+    return impls
+
+
+def run(args):
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    impls = implementations(not args.no_compile)
+    rows = []
+    for shape_name in args.shapes:
+        shape = SHAPES[device.type][shape_name]
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=generator).to(device, dtype)
+        dy = torch.randn(shape, generator=generator).to(device, dtype)
+        for k in args.kernels:
+            for name, fn in impls.items():
+                forward = lambda t, fn=fn: fn(t, k, k, **SETTINGS)  # noqa: E731
+
+                def step(forward=forward):
+                    xg = x.detach().requires_grad_()
+                    forward(xg).backward(dy)
+
+                with torch.no_grad():
+                    fwd = measure(lambda: forward(x), device, args.budget)
+                both = measure(step, device, args.budget)
+                rows.append(
+                    dict(
+                        shape="x".join(map(str, shape)), kernel=k, impl=name,
+                        forward_ms=fwd[0], forward_min_ms=fwd[1], forward_max_ms=fwd[2],
+                        fwd_bwd_ms=both[0], fwd_bwd_min_ms=both[1], fwd_bwd_max_ms=both[2], runs=fwd[3],
+                        saved_bytes=saved_bytes(forward, x), input_bytes=x.numel() * x.element_size(),
+                        peak_extra_bytes=peak_extra_bytes(step, device),
+                    )
+                )
+                print(f"  {rows[-1]['shape']} k={k} {name}: fwd {fwd[0]:.3f} ms, fwd+bwd {both[0]:.3f} ms", flush=True)
+    return rows
+
+
+def environment(device):
+    info = f"torch {torch.__version__}, {device.type}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
+    if device.type == "cuda":
+        info += f", {torch.cuda.get_device_name(device)}"
+    return info
+
+
+def markdown(rows, has_compiled):
+    lines = [
+        "| shape | k | ours fwd ms (min-max) | eager fwd | compiled fwd | ours fwd+bwd ms (min-max) | eager fwd+bwd | compiled fwd+bwd | fwd speed-up eager / compiled | fwd+bwd speed-up eager / compiled | saved for backward (× input) ours / eager / compiled | peak extra MiB ours / eager / compiled |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_key = {(r["shape"], r["kernel"], r["impl"]): r for r in rows}
+    for shape, k in dict.fromkeys((r["shape"], r["kernel"]) for r in rows):
+        ours, eager = by_key[(shape, k, "ours")], by_key[(shape, k, "eager")]
+        compiled = by_key.get((shape, k, "compiled"))
+        others = [eager] + ([compiled] if compiled else [])
+        dash = lambda r, key: f"{r[key]:.3f}" if r else "-"  # noqa: E731
+        ratio = lambda key: " / ".join(f"{o[key] / ours[key]:.1f}×" for o in others)  # noqa: E731
+        saved = " / ".join(f"{r['saved_bytes'] / r['input_bytes']:.2f}" for r in [ours] + others)
+        peak = " / ".join("-" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.0f}" for r in [ours] + others)
+        lines.append(
+            f"| {shape} | {k} | {ours['forward_ms']:.3f} ({ours['forward_min_ms']:.3f}-{ours['forward_max_ms']:.3f}) | "
+            f"{eager['forward_ms']:.3f} | {dash(compiled, 'forward_ms')} | "
+            f"{ours['fwd_bwd_ms']:.3f} ({ours['fwd_bwd_min_ms']:.3f}-{ours['fwd_bwd_max_ms']:.3f}) | "
+            f"{eager['fwd_bwd_ms']:.3f} | {dash(compiled, 'fwd_bwd_ms')} | {ratio('forward_ms')} | {ratio('fwd_bwd_ms')} | {saved} | {peak} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows, path, title):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install torch_spatialnorm[bench]): no plot drawn")
+        return None
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    fig, axes = plt.subplots(2, len(shapes), figsize=(5 * len(shapes), 8), squeeze=False)
+    for column, shape in enumerate(shapes):
+        for line, (key, label) in enumerate([("forward_ms", "forward"), ("fwd_bwd_ms", "forward+backward")]):
+            ax = axes[line][column]
+            for impl in dict.fromkeys(r["impl"] for r in rows):
+                points = [(r["kernel"], r[key]) for r in rows if r["shape"] == shape and r["impl"] == impl]
+                ax.plot(*zip(*points), marker="o", label=impl)
+            ax.set(xlabel="kernel size (k × k)", ylabel="ms (median)", title=f"{label}, {shape}", yscale="log")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "mps"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    parser.add_argument("--shapes", nargs="+", default=["small", "typical", "large"], choices=["small", "typical", "large"])
+    parser.add_argument("--kernels", nargs="+", type=int, default=[3, 5, 9, 17, 31])
+    parser.add_argument("--budget", type=float, default=0.5, help="seconds of timed runs per measurement")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile'd composite")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    title = f"spatial normalization, {args.dtype}: {environment(device)}"
+    print(title, flush=True)
+    rows = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_{device.type}_{args.dtype}"
+    with open(out / f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown(rows, not args.no_compile)
+    (out / f"{stem}.md").write_text(f"{title}\n\n{table}\n")
+    picture = plot(rows, out / f"{stem}.png", title)
+    print(f"\n{title}\n\n{table}\n\nwrote {out / (stem + '.csv')}, {out / (stem + '.md')}" + (f", {picture}" if picture else ""))
+
+
+if __name__ == "__main__":
+    main()
