@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the in-place build
 TORCH_SPATIALNORM_CUDA=1 "$PYTHON" setup.py build_ext --inplace
 "$PYTHON" benchmarks/bench.py --device cuda "$@"
