@@ -1,5 +1,5 @@
 // Device helpers of the CUDA kernels: running window sums along a column held by one thread,
-// and window sums across the threads of a block (one image column per thread).
+// and window sums across the lanes of a warp or the threads of a block (one image column each).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -8,27 +8,34 @@
 
 namespace spatialnorm::cuda {
 
-// A window sum that slides along a line, in double. NaN and infinities are counted rather than
-// added: once added, an infinity would never leave the sum (inf - inf is NaN).
+// A window sum that slides along a line, Kahan-compensated so that long float32 running sums
+// don't drift (float32 rather than double: on Hopper, conversions to double and double
+// arithmetic cost more than all the rest of the kernels). NaN and infinities are counted rather
+// than added: once added, an infinity would never leave the sum (inf - inf is NaN).
+template <typename T>
 struct RunningSum {
-  double sum = 0.0;
+  T sum = 0;
+  T compensation = 0;
   int nans = 0;
   int positive_infinities = 0;
   int negative_infinities = 0;
 
-  __device__ void add(double value, int sign) {
-    if (isnan(value)) {
+  __device__ void add(T value, int sign) {
+    if (isfinite(value)) {  // one test on the common path
+      const T y = sign * value - compensation;
+      const T t = sum + y;
+      compensation = (t - sum) - y;
+      sum = t;
+    } else if (isnan(value)) {
       nans += sign;
-    } else if (isinf(value)) {
-      (value > 0 ? positive_infinities : negative_infinities) += sign;
     } else {
-      sum += sign * value;
+      (value > 0 ? positive_infinities : negative_infinities) += sign;
     }
   }
 
   __device__ bool finite() const { return nans == 0 && positive_infinities == 0 && negative_infinities == 0; }
 
-  __device__ double value() const {
+  __device__ T value() const {
     if (nans > 0 || (positive_infinities > 0 && negative_infinities > 0)) {
       return NAN;
     }
@@ -39,65 +46,103 @@ struct RunningSum {
   }
 };
 
-// Shared memory for window_across_block: blockDim.x + 1 prefix sums and one total per warp.
-__host__ __device__ constexpr size_t window_scratch_doubles(int threads) {
-  return static_cast<size_t>(threads + 1 + threads / 32);
+// The sum of `value` over lanes [lane - before, lane + after] of a warp, in shuffles: O(kernel
+// width), and the cheapest for the narrow windows it is used for. Meaningful on lanes
+// [before, 31 - after]; every lane of the warp must call it.
+template <typename T>
+__device__ inline T window_across_warp(T value, int before, int after) {
+  T sum = value;
+  for (int d = 1; d <= before; ++d) {
+    sum += __shfl_up_sync(0xffffffffu, value, d);
+  }
+  for (int d = 1; d <= after; ++d) {
+    sum += __shfl_down_sync(0xffffffffu, value, d);
+  }
+  return sum;
 }
 
-// The sum of `value` over threads [t - before, t + after] of the block, for every thread t
-// (threads past either end count as zero). O(1) per thread: an exclusive prefix sum over the
-// block, in double so that differences of prefixes lose nothing that matters. Blocks holding a
-// NaN or infinity sum directly instead, so those propagate exactly as in a direct sum.
+// Shared memory for window_across_block<rows>: per row, blockDim.x + 1 prefix sums and one total per warp.
+__host__ __device__ constexpr size_t window_scratch_doubles(int threads, int rows) {
+  return static_cast<size_t>(rows) * (threads + 1 + threads / 32);
+}
+
+// For each of `rows` image rows at once, the sum of `values[j]` over threads [t - before, t + after]
+// of the block, for every thread t (threads past either end count as zero); the results replace
+// the values. O(1) per thread and row: an exclusive prefix sum over the block, in double so that
+// differences of prefixes lose nothing that matters, with the rows interleaved so their
+// shuffles overlap and they share each barrier. Blocks holding a NaN or infinity sum directly
+// instead, so those propagate exactly as in a direct sum.
 // Every thread of the block must call it; blockDim.x must be a multiple of 32.
-__device__ inline double window_across_block(double value, bool all_finite, int before, int after, double* scratch) {
+template <int rows>
+__device__ inline void window_across_block(double (&values)[rows], bool all_finite, int before, int after,
+                                           double* scratch) {
   const int t = threadIdx.x;
   const int n = blockDim.x;
-  double* prefix = scratch;            // prefix[i] = sum of the values of threads < i
-  double* warp_totals = scratch + n + 1;
-  double result = 0.0;
+  const int warps = n / 32;
+  double* prefix = scratch;  // prefix[j * (n + 1) + i] = sum over threads < i of row j
+  double* warp_totals = scratch + rows * (n + 1);
+  const int first = max(0, t - before);
+  const int last = min(n - 1, t + after);
   if (!all_finite) {
-    prefix[t] = value;
-    __syncthreads();
-    for (int i = max(0, t - before); i <= min(n - 1, t + after); ++i) {
-      result += prefix[i];
+#pragma unroll
+    for (int j = 0; j < rows; ++j) {
+      prefix[j * (n + 1) + t] = values[j];
     }
     __syncthreads();
-    return result;
+#pragma unroll
+    for (int j = 0; j < rows; ++j) {
+      double sum = 0.0;
+      for (int i = first; i <= last; ++i) {
+        sum += prefix[j * (n + 1) + i];
+      }
+      values[j] = sum;
+    }
+    __syncthreads();
+    return;
   }
   const int lane = t & 31;
   const int warp = t >> 5;
-  double inclusive = value;
   for (int offset = 1; offset < 32; offset <<= 1) {
-    const double other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-    if (lane >= offset) {
-      inclusive += other;
+#pragma unroll
+    for (int j = 0; j < rows; ++j) {
+      const double other = __shfl_up_sync(0xffffffffu, values[j], offset);
+      values[j] += lane >= offset ? other : 0.0;
     }
   }
   if (lane == 31) {
-    warp_totals[warp] = inclusive;
+#pragma unroll
+    for (int j = 0; j < rows; ++j) {
+      warp_totals[j * warps + warp] = values[j];
+    }
   }
   __syncthreads();
-  if (warp == 0) {
-    double total = lane < n / 32 ? warp_totals[lane] : 0.0;
-    for (int offset = 1; offset < 32; offset <<= 1) {
-      const double other = __shfl_up_sync(0xffffffffu, total, offset);
-      if (lane >= offset) {
-        total += other;
+  if (t < 32) {
+#pragma unroll
+    for (int j = 0; j < rows; ++j) {
+      double total = lane < warps ? warp_totals[j * warps + lane] : 0.0;
+      for (int offset = 1; offset < warps; offset <<= 1) {
+        const double other = __shfl_up_sync(0xffffffffu, total, offset);
+        total += lane >= offset ? other : 0.0;
+      }
+      if (lane < warps) {
+        warp_totals[j * warps + lane] = total;
       }
     }
-    if (lane < n / 32) {
-      warp_totals[lane] = total;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < rows; ++j) {
+    prefix[j * (n + 1) + t + 1] = values[j] + (warp > 0 ? warp_totals[j * warps + warp - 1] : 0.0);
+    if (t == 0) {
+      prefix[j * (n + 1)] = 0.0;
     }
   }
   __syncthreads();
-  prefix[t + 1] = inclusive + (warp > 0 ? warp_totals[warp - 1] : 0.0);
-  if (t == 0) {
-    prefix[0] = 0.0;
+#pragma unroll
+  for (int j = 0; j < rows; ++j) {
+    values[j] = prefix[j * (n + 1) + last + 1] - prefix[j * (n + 1) + first];
   }
-  __syncthreads();
-  result = prefix[min(t + after, n - 1) + 1] - prefix[max(t - before, 0)];
   __syncthreads();  // the scratch is reused by the next call
-  return result;
 }
 
 }  // namespace spatialnorm::cuda

@@ -6,7 +6,8 @@
 // Both are O(1) per element whatever the kernel size, and each pass reads its inputs and writes
 // its output once, apart from the halos. The gradient is one fused kernel: G = dY*X*T^(-beta-1)
 // and T^-beta of the rows still inside the mirrored window wait in shared-memory rings.
-// Kernels too large for a strip run a composite of ATen ops instead.
+// Narrow windows use warp kernels instead: a warp per strip, shuffles across it, no barriers.
+// Kernels too large for a strip run a composite of ATen ops.
 #include "../spatial_norm.h"
 #include "block_window.cuh"
 
@@ -25,7 +26,14 @@ namespace spatialnorm::cuda {
 namespace {
 
 constexpr int kMaxThreads = 256;
-constexpr int kMinBandRows = 32;
+constexpr int kMinBandRows = 64;
+// Rows each block advances per round of barriers: independent loads and shuffles overlap.
+constexpr int kRowsPerStep = 4;
+
+// Rows per band: enough that re-reading the first window's rows costs little.
+int64_t band_rows_for(const PlaneShape& shape, int64_t kernel_height) {
+  return std::min<int64_t>(shape.height, std::max<int64_t>(kMinBandRows, 4 * kernel_height));
+}
 
 // How a call is cut into blocks: strips of columns times bands of rows times planes.
 struct Launch {
@@ -49,10 +57,10 @@ Launch plan(const PlaneShape& shape, int64_t halo, int64_t kernel_height, size_t
   launch.threads = static_cast<int>((columns + halo + 31) / 32 * 32);
   launch.halo = static_cast<int>(halo);
   launch.strips = (shape.width + (launch.threads - halo) - 1) / (launch.threads - halo);
-  launch.band_rows = std::min<int64_t>(shape.height, std::max<int64_t>(kMinBandRows, 4 * kernel_height));
+  launch.band_rows = band_rows_for(shape, kernel_height);
   launch.bands = (shape.height + launch.band_rows - 1) / launch.band_rows;
-  launch.shared_bytes =
-      window_scratch_doubles(launch.threads) * sizeof(double) + ring_bytes_per_row * kernel_height * launch.threads;
+  launch.shared_bytes = window_scratch_doubles(launch.threads, kRowsPerStep) * sizeof(double) +
+                        ring_bytes_per_row * (kernel_height + kRowsPerStep) * launch.threads;
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   int max_shared = 0;
@@ -62,6 +70,15 @@ Launch plan(const PlaneShape& shape, int64_t halo, int64_t kernel_height, size_t
   }
   return launch;
 }
+
+// The warp kernels' cut: strips of 32 columns whose outer `halo` columns only feed others' windows.
+struct WarpLaunch {
+  int64_t strips;
+  int64_t bands;
+  int64_t band_rows;
+  int64_t blocks;
+  size_t shared_bytes;
+};
 
 // Block index -> (plane, band, strip).
 struct BlockPosition {
@@ -91,10 +108,79 @@ struct Extents {
 };
 
 template <typename scalar_t>
-__device__ inline double squared(scalar_t v) {
-  const double d = static_cast<double>(v);
-  return d * d;
+__device__ inline at::opmath_type<scalar_t> squared(scalar_t v) {
+  const at::opmath_type<scalar_t> x = static_cast<at::opmath_type<scalar_t>>(v);
+  return x * x;
 }
+
+// T^-beta and T^(-beta-1). In float32 as exp2(e * log2(T)): powf's extra-precise algorithm costs
+// several times more than the whole rest of a kernel, while rounding e * log2(T) to float loses
+// only |e * log2(T)| * 2^-24 of relative accuracy. float64 uses pow.
+struct Powers {
+  float power;           // T^-beta
+  float power_over_t;    // T^(-beta-1)
+};
+
+__device__ inline Powers negative_powers(float t, float neg_beta) {
+  if (neg_beta == 0.0f) {
+    return {1.0f, 1.0f / t};  // pow(x, 0) == 1 even for infinite or NaN x
+  }
+  const float lg = log2f(t);
+  return {exp2f(neg_beta * lg), exp2f((neg_beta - 1.0f) * lg)};
+}
+
+struct DoublePowers {
+  double power;
+  double power_over_t;
+};
+
+__device__ inline DoublePowers negative_powers(double t, double neg_beta) {
+  const double power = ::pow(t, neg_beta);
+  return {power, power / t};
+}
+
+// What a column's running window sum needs for rows row0 .. row0 + kRowsPerStep - 1: the
+// squares of the rows entering and leaving the window (0 outside the image or the rows asked
+// for). Loaded in one go so that the loads' latencies overlap.
+template <typename opmath_t>
+struct SlidingRows {
+  opmath_t entering[kRowsPerStep];
+  opmath_t leaving[kRowsPerStep];
+
+  template <typename scalar_t>
+  __device__ void load(const scalar_t* x, int64_t row0, int64_t row_end, bool active, int top, int bottom,
+                       int64_t height, int64_t width, int64_t column) {
+#pragma unroll
+    for (int j = 0; j < kRowsPerStep; ++j) {
+      const int64_t row = row0 + j;
+      const bool wanted = active && row < row_end;
+      const int64_t in = row + bottom;
+      const int64_t out = row - top - 1;
+      entering[j] = wanted && in < height ? squared(x[in * width + column]) : opmath_t(0);
+      leaving[j] = wanted && out >= 0 ? squared(x[out * width + column]) : opmath_t(0);
+    }
+  }
+
+  __device__ void slide(RunningSum<opmath_t>& sum, int j) const {
+    sum.add(entering[j], 1);
+    sum.add(leaving[j], -1);
+  }
+};
+
+// Rows row0 .. row0 + kRowsPerStep - 1 of one column of a tensor, where `active` (else 0).
+template <typename scalar_t, typename opmath_t>
+struct ColumnRows {
+  opmath_t values[kRowsPerStep];
+
+  __device__ void load(const scalar_t* data, int64_t row0, int64_t row_end, bool active, int64_t width,
+                       int64_t column) {
+#pragma unroll
+    for (int j = 0; j < kRowsPerStep; ++j) {
+      const int64_t row = row0 + j;
+      values[j] = active && row >= 0 && row < row_end ? static_cast<opmath_t>(data[row * width + column]) : opmath_t(0);
+    }
+  }
+};
 
 template <typename scalar_t>
 __global__ void forward_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output, int64_t height,
@@ -113,37 +199,41 @@ __global__ void forward_kernel(const scalar_t* __restrict__ input, scalar_t* __r
   const int64_t row_end = min(height, row_begin + band_rows);
 
   // The window of row_begin - 1, so that every row below adds one row and drops one.
-  RunningSum vertical;
+  RunningSum<opmath_t> vertical;
   if (in_image) {
     for (int64_t r = max(int64_t{0}, row_begin - w.top - 1); r <= min(height - 1, row_begin + w.bottom - 1); ++r) {
       vertical.add(squared(x[r * width + column]), 1);
     }
   }
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    if (in_image) {
-      const int64_t entering = row + w.bottom;
-      const int64_t leaving = row - w.top - 1;
-      if (entering < height) {
-        vertical.add(squared(x[entering * width + column]), 1);
-      }
-      if (leaving >= 0) {
-        vertical.add(squared(x[leaving * width + column]), -1);
-      }
+  for (int64_t row0 = row_begin; row0 < row_end; row0 += kRowsPerStep) {
+    SlidingRows<opmath_t> rows;
+    rows.load(x, row0, row_end, in_image, w.top, w.bottom, height, width, column);
+    ColumnRows<scalar_t, opmath_t> centre;
+    centre.load(x, row0, row_end, writes, width, column);
+    double sums[kRowsPerStep];
+    bool finite = true;
+#pragma unroll
+    for (int j = 0; j < kRowsPerStep; ++j) {
+      rows.slide(vertical, j);
+      sums[j] = vertical.value();
+      finite &= vertical.finite();
     }
-    const bool all_finite = !__syncthreads_or(!vertical.finite());
-    const double sum = window_across_block(vertical.value(), all_finite, w.left, w.right, scratch);
-    if (writes) {
-      const int64_t i = row * width + column;
-      const opmath_t denominator = k.delta + k.scale * static_cast<opmath_t>(sum);
-      y[i] = static_cast<scalar_t>(static_cast<opmath_t>(x[i]) * ::pow(denominator, k.neg_beta));
+    window_across_block(sums, !__syncthreads_or(!finite), w.left, w.right, scratch);
+#pragma unroll
+    for (int j = 0; j < kRowsPerStep; ++j) {
+      const int64_t row = row0 + j;
+      if (writes && row < row_end) {
+        const opmath_t denominator = k.delta + k.scale * static_cast<opmath_t>(sums[j]);
+        y[row * width + column] = static_cast<scalar_t>(centre.values[j] * negative_powers(denominator, k.neg_beta).power);
+      }
     }
   }
 }
 
 // dX = dY*P - gradient_scale * X * (M-window sum of G), P = T^-beta, G = dY*X*P/T.
-// Row r of G is made once its T is known, and the output row r - (top extent of W) once the
-// mirrored window around it is complete; G and P wait in rings of kh rows, each thread
-// touching only its own column of them.
+// Row r of G is made once its T is known, and output row r - (top extent of W) once the
+// mirrored window around it is complete; G and P wait in rings of kh + kRowsPerStep rows, each
+// thread touching only its own column of them.
 template <typename scalar_t>
 __global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
                                 scalar_t* __restrict__ grad_input, int64_t height, int64_t width, int64_t strips,
@@ -151,8 +241,9 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const 
   using opmath_t = at::opmath_type<scalar_t>;
   extern __shared__ double scratch[];
   const int n = blockDim.x;
-  const int ring_rows = w.top + w.bottom + 1;
-  opmath_t* g_ring = reinterpret_cast<opmath_t*>(scratch + window_scratch_doubles(n));
+  const int window_rows = w.top + w.bottom + 1;
+  const int ring_rows = window_rows + kRowsPerStep;
+  opmath_t* g_ring = reinterpret_cast<opmath_t*>(scratch + window_scratch_doubles(n, kRowsPerStep));
   opmath_t* p_ring = g_ring + ring_rows * n;
   const BlockPosition block = block_position(strips, bands);
   const int t = threadIdx.x;
@@ -167,54 +258,233 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const 
   scalar_t* dx = grad_input + offset;
   const int64_t row_begin = block.band * band_rows;
   const int64_t row_end = min(height, row_begin + band_rows);
-  // M reaches w.bottom rows up and w.top rows down.
+  // M reaches w.bottom rows up and w.top rows down; rows past the image have G = 0.
   const int64_t g_begin = max(int64_t{0}, row_begin - w.bottom);
-  const int64_t g_end = row_end + w.top;  // rows past the image have G = 0
+  const int64_t g_end = row_end + w.top;
 
   for (int i = 0; i < ring_rows; ++i) {
     g_ring[i * n + t] = 0;
   }
-  RunningSum squares;
+  RunningSum<opmath_t> squares;
   if (in_image) {
     for (int64_t r = max(int64_t{0}, g_begin - w.top - 1); r <= min(height - 1, g_begin + w.bottom - 1); ++r) {
       squares.add(squared(x[r * width + column]), 1);
     }
   }
-  RunningSum terms;
-  for (int64_t r = g_begin; r < g_end; ++r) {
-    const int slot = static_cast<int>(r % ring_rows);
-    opmath_t g = 0;
-    if (r < height) {
-      if (in_image) {
-        if (r + w.bottom < height) {
-          squares.add(squared(x[(r + w.bottom) * width + column]), 1);
-        }
-        if (r - w.top - 1 >= 0) {
-          squares.add(squared(x[(r - w.top - 1) * width + column]), -1);
-        }
-      }
-      const bool all_finite = !__syncthreads_or(!squares.finite());
-      const double sum = window_across_block(squares.value(), all_finite, w.left, w.right, scratch);
-      if (makes_g) {
-        const int64_t i = r * width + column;
-        const opmath_t denominator = k.delta + k.scale * static_cast<opmath_t>(sum);
-        const opmath_t power = ::pow(denominator, k.neg_beta);
-        p_ring[slot * n + t] = power;
-        g = static_cast<opmath_t>(dy[i]) * static_cast<opmath_t>(x[i]) * (power / denominator);
+  RunningSum<opmath_t> terms;
+  for (int64_t r0 = g_begin; r0 < g_end; r0 += kRowsPerStep) {
+    // T, P and G of rows r0 .. r0 + kRowsPerStep - 1.
+    SlidingRows<opmath_t> rows;
+    rows.load(x, r0, height, in_image, w.top, w.bottom, height, width, column);
+    ColumnRows<scalar_t, opmath_t> x_rows, dy_rows;
+    x_rows.load(x, r0, height, makes_g, width, column);
+    dy_rows.load(dy, r0, height, makes_g, width, column);
+    double sums[kRowsPerStep];
+    bool finite = true;
+#pragma unroll
+    for (int j = 0; j < kRowsPerStep; ++j) {
+      rows.slide(squares, j);
+      sums[j] = squares.value();
+      finite &= squares.finite();
+    }
+    window_across_block(sums, !__syncthreads_or(!finite), w.left, w.right, scratch);
+    opmath_t g[kRowsPerStep];
+#pragma unroll
+    for (int j = 0; j < kRowsPerStep; ++j) {
+      const int64_t r = r0 + j;
+      g[j] = 0;
+      if (makes_g && r < height) {
+        const auto powers = negative_powers(k.delta + k.scale * static_cast<opmath_t>(sums[j]), k.neg_beta);
+        p_ring[static_cast<int>(r % ring_rows) * n + t] = powers.power;
+        g[j] = dy_rows.values[j] * x_rows.values[j] * powers.power_over_t;
       }
     }
-    terms.add(static_cast<double>(g_ring[slot * n + t]), -1);  // G of row r - kh leaves the window
-    terms.add(static_cast<double>(g), 1);
-    g_ring[slot * n + t] = g;
-    const int64_t row = r - w.top;
-    if (row >= row_begin) {
-      const bool all_finite = !__syncthreads_or(!terms.finite());
-      const double sum = window_across_block(terms.value(), all_finite, w.right, w.left, scratch);
-      if (writes) {
-        const int64_t i = row * width + column;
+    // Slide the mirrored window down over them, and finish the rows whose window is complete.
+    // (The ring holds kh + kRowsPerStep rows: storing this step's rows first overwrites none that
+    // is still to leave the window.)
+#pragma unroll
+    for (int j = 0; j < kRowsPerStep; ++j) {
+      g_ring[static_cast<int>((r0 + j) % ring_rows) * n + t] = g[j];
+    }
+    finite = true;
+#pragma unroll
+    for (int j = 0; j < kRowsPerStep; ++j) {
+      const int64_t r = r0 + j;
+      if (r < g_end) {
+        // Row r - kh leaves the window; its slot is (r - kh) mod ring_rows.
+        terms.add(g_ring[static_cast<int>((r + kRowsPerStep) % ring_rows) * n + t], -1);
+        terms.add(g[j], 1);
+      }
+      sums[j] = terms.value();
+      finite &= terms.finite();
+    }
+    const int64_t out0 = r0 - w.top;
+    const bool outputs = writes && out0 + kRowsPerStep > row_begin;
+    x_rows.load(x, out0, row_end, outputs, width, column);
+    dy_rows.load(dy, out0, row_end, outputs, width, column);
+    window_across_block(sums, !__syncthreads_or(!finite), w.right, w.left, scratch);
+#pragma unroll
+    for (int j = 0; j < kRowsPerStep; ++j) {
+      const int64_t row = out0 + j;
+      if (writes && row >= row_begin && row < row_end) {
         const opmath_t power = p_ring[static_cast<int>(row % ring_rows) * n + t];
-        dx[i] = static_cast<scalar_t>(static_cast<opmath_t>(dy[i]) * power -
-                                      k.gradient_scale * static_cast<opmath_t>(x[i]) * static_cast<opmath_t>(sum));
+        dx[row * width + column] = static_cast<scalar_t>(dy_rows.values[j] * power -
+                                                         k.gradient_scale * x_rows.values[j] * static_cast<opmath_t>(sums[j]));
+      }
+    }
+  }
+}
+
+// The warp kernels: each warp owns 32 columns (the window's halo included) of one band of rows
+// and needs no barrier; horizontal sums are shuffles. For windows up to kMaxWarpKernelWidth wide.
+constexpr int kWarpsPerBlock = 4;
+constexpr int kMaxWarpForwardWidth = 17;
+constexpr int kMaxWarpBackwardWidth = 9;
+
+WarpLaunch warp_plan(const PlaneShape& shape, int64_t halo, int64_t kernel_height, size_t ring_bytes_per_row) {
+  WarpLaunch launch{};
+  launch.strips = (shape.width + (32 - halo) - 1) / (32 - halo);
+  launch.band_rows = band_rows_for(shape, kernel_height);
+  launch.bands = (shape.height + launch.band_rows - 1) / launch.band_rows;
+  launch.blocks = (shape.planes * launch.strips * launch.bands + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  launch.shared_bytes = ring_bytes_per_row * kernel_height * 32 * kWarpsPerBlock;
+  return launch;
+}
+
+// Warp index -> (plane, band, strip), or false past the last one.
+__device__ inline bool warp_position(int64_t strips, int64_t bands, int64_t planes, BlockPosition& position) {
+  int64_t index = blockIdx.x * int64_t{kWarpsPerBlock} + threadIdx.x / 32;
+  position.strip = index % strips;
+  index /= strips;
+  position.band = index % bands;
+  position.plane = index / bands;
+  return position.plane < planes;
+}
+
+template <typename scalar_t>
+__global__ void forward_warp_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output, int64_t planes,
+                                    int64_t height, int64_t width, int64_t strips, int64_t bands, int64_t band_rows,
+                                    Extents w, Coefficients<at::opmath_type<scalar_t>> k) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  BlockPosition at;
+  if (!warp_position(strips, bands, planes, at)) {
+    return;  // the whole warp: shuffles below stay among full warps
+  }
+  const int lane = threadIdx.x & 31;
+  const int64_t column = at.strip * (32 - w.left - w.right) - w.left + lane;
+  const bool in_image = column >= 0 && column < width;
+  const bool writes = in_image && lane >= w.left && lane < 32 - w.right;
+  const scalar_t* x = input + at.plane * height * width;
+  scalar_t* y = output + at.plane * height * width;
+  const int64_t row_begin = at.band * band_rows;
+  const int64_t row_end = min(height, row_begin + band_rows);
+
+  RunningSum<opmath_t> vertical;  // the window of row_begin - 1
+  if (in_image) {
+    for (int64_t r = max(int64_t{0}, row_begin - w.top - 1); r <= min(height - 1, row_begin + w.bottom - 1); ++r) {
+      vertical.add(squared(x[r * width + column]), 1);
+    }
+  }
+  // Walk pointers down the column rather than recomputing 64-bit offsets every row.
+  const scalar_t* entering = x + (row_begin + w.bottom) * width + column;
+  const scalar_t* leaving = x + (row_begin - w.top - 1) * width + column;
+  const scalar_t* centre = x + row_begin * width + column;
+  scalar_t* out = y + row_begin * width + column;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    if (in_image) {
+      vertical.add(row + w.bottom < height ? squared(*entering) : opmath_t(0), 1);
+      vertical.add(row - w.top - 1 >= 0 ? squared(*leaving) : opmath_t(0), -1);
+    }
+    const opmath_t sum = window_across_warp(vertical.value(), w.left, w.right);
+    if (writes) {
+      *out = static_cast<scalar_t>(static_cast<opmath_t>(*centre) * negative_powers(k.delta + k.scale * sum, k.neg_beta).power);
+    }
+    entering += width;
+    leaving += width;
+    centre += width;
+    out += width;
+  }
+}
+
+template <typename scalar_t>
+__global__ void backward_warp_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
+                                     scalar_t* __restrict__ grad_input, int64_t planes, int64_t height, int64_t width,
+                                     int64_t strips, int64_t bands, int64_t band_rows, Extents w,
+                                     Coefficients<at::opmath_type<scalar_t>> k) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  extern __shared__ double scratch[];
+  const int window_rows = w.top + w.bottom + 1;
+  // This warp's rings of G and T^-beta, kh rows of 32 lanes; each lane uses its own column only.
+  opmath_t* g_ring = reinterpret_cast<opmath_t*>(scratch) + (threadIdx.x / 32) * 2 * window_rows * 32;
+  opmath_t* p_ring = g_ring + window_rows * 32;
+  BlockPosition at;
+  if (!warp_position(strips, bands, planes, at)) {
+    return;
+  }
+  const int lane = threadIdx.x & 31;
+  const int halo = w.left + w.right;
+  const int64_t column = at.strip * (32 - 2 * halo) - halo + lane;
+  const bool in_image = column >= 0 && column < width;
+  const bool makes_g = in_image && lane >= w.left && lane < 32 - w.right;
+  const bool writes = in_image && lane >= halo && lane < 32 - halo;
+  const int64_t offset = at.plane * height * width;
+  const scalar_t* x = input + offset;
+  const scalar_t* dy = grad_output + offset;
+  scalar_t* dx = grad_input + offset;
+  const int64_t row_begin = at.band * band_rows;
+  const int64_t row_end = min(height, row_begin + band_rows);
+  const int64_t g_begin = max(int64_t{0}, row_begin - w.bottom);
+  const int64_t g_end = row_end + w.top;
+
+  for (int i = 0; i < window_rows; ++i) {
+    g_ring[i * 32 + lane] = 0;
+  }
+  RunningSum<opmath_t> squares;
+  if (in_image) {
+    for (int64_t r = max(int64_t{0}, g_begin - w.top - 1); r <= min(height - 1, g_begin + w.bottom - 1); ++r) {
+      squares.add(squared(x[r * width + column]), 1);
+    }
+  }
+  RunningSum<opmath_t> terms;
+  for (int64_t r0 = g_begin; r0 < g_end; r0 += kRowsPerStep) {
+    SlidingRows<opmath_t> rows;
+    rows.load(x, r0, height, in_image, w.top, w.bottom, height, width, column);
+    ColumnRows<scalar_t, opmath_t> x_rows, dy_rows, x_out, dy_out;
+    x_rows.load(x, r0, height, makes_g, width, column);
+    dy_rows.load(dy, r0, height, makes_g, width, column);
+    const int64_t out0 = r0 - w.top;  // the output rows whose mirrored windows this step completes
+    const bool outputs = writes && out0 + kRowsPerStep > row_begin;
+    x_out.load(x, out0, row_end, outputs, width, column);
+    dy_out.load(dy, out0, row_end, outputs, width, column);
+#pragma unroll
+    for (int j = 0; j < kRowsPerStep; ++j) {
+      const int64_t r = r0 + j;
+      if (r >= g_end) {
+        break;
+      }
+      opmath_t g = 0;
+      opmath_t power = 0;
+      if (r < height) {
+        rows.slide(squares, j);
+        const opmath_t sum = window_across_warp(squares.value(), w.left, w.right);
+        if (makes_g) {
+          const auto powers = negative_powers(k.delta + k.scale * sum, k.neg_beta);
+          power = powers.power;
+          g = dy_rows.values[j] * x_rows.values[j] * powers.power_over_t;
+        }
+      }
+      const int slot = static_cast<int>(r % window_rows) * 32 + lane;
+      terms.add(g_ring[slot], -1);  // G of row r - kh leaves the window
+      terms.add(g, 1);
+      g_ring[slot] = g;
+      p_ring[slot] = power;
+      const int64_t row = out0 + j;
+      if (row >= row_begin) {
+        const opmath_t sum = window_across_warp(terms.value(), w.right, w.left);
+        if (writes) {
+          const opmath_t p = p_ring[static_cast<int>(row % window_rows) * 32 + lane];
+          dx[row * width + column] = static_cast<scalar_t>(dy_out.values[j] * p - k.gradient_scale * x_out.values[j] * sum);
+        }
       }
     }
   }
@@ -284,12 +554,23 @@ at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel
   if (input.numel() == 0) {
     return output.finish();
   }
+  const at::Tensor x = input.contiguous();
+  if (kernel_width <= kMaxWarpForwardWidth) {
+    const WarpLaunch launch = warp_plan(shape, kernel_width - 1, kernel_height, 0);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_forward_cuda", [&] {
+      forward_warp_kernel<scalar_t><<<launch.blocks, 32 * kWarpsPerBlock, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          x.const_data_ptr<scalar_t>(), output.contiguous().mutable_data_ptr<scalar_t>(), shape.planes, shape.height,
+          shape.width, launch.strips, launch.bands, launch.band_rows, extents(settings),
+          coefficients<at::opmath_type<scalar_t>>(settings));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return output.finish();
+  }
   const Launch launch = plan(shape, kernel_width - 1, kernel_height, 0);
   if (launch.threads == 0) {
     output.contiguous().copy_(composite_forward(input, settings));
     return output.finish();
   }
-  const at::Tensor x = input.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_forward_cuda", [&] {
     auto kernel = forward_kernel<scalar_t>;
     allow_shared_memory(kernel, launch.shared_bytes);
@@ -316,13 +597,28 @@ at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& input, int6
     return grad_input.finish();
   }
   const size_t ring_bytes = 2 * at::elementSize(at::toOpMathType(input.scalar_type()));
+  const at::Tensor x = input.contiguous();
+  const at::Tensor dy = grad_output.contiguous();
+  if (kernel_width <= kMaxWarpBackwardWidth) {
+    const WarpLaunch launch = warp_plan(shape, 2 * (kernel_width - 1), kernel_height, ring_bytes);
+    if (launch.shared_bytes <= 48 * 1024) {
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_backward_cuda", [&] {
+        backward_warp_kernel<scalar_t>
+            <<<launch.blocks, 32 * kWarpsPerBlock, launch.shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(
+                dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                grad_input.contiguous().mutable_data_ptr<scalar_t>(), shape.planes, shape.height, shape.width,
+                launch.strips, launch.bands, launch.band_rows, extents(settings),
+                coefficients<at::opmath_type<scalar_t>>(settings));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      return grad_input.finish();
+    }
+  }
   const Launch launch = plan(shape, 2 * (kernel_width - 1), kernel_height, ring_bytes);
   if (launch.threads == 0) {
     grad_input.contiguous().copy_(composite_backward(grad_output, input, settings));
     return grad_input.finish();
   }
-  const at::Tensor x = input.contiguous();
-  const at::Tensor dy = grad_output.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_backward_cuda", [&] {
     auto kernel = backward_kernel<scalar_t>;
     allow_shared_memory(kernel, launch.shared_bytes);
