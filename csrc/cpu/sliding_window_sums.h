@@ -6,14 +6,15 @@
 // in double so that long running sums of float32 data don't drift.
 //
 // A NaN or infinity would stay in a running sum after it leaves the window (inf - inf is NaN),
-// so rows holding one are summed window by window instead, which is O(kernel size) per element
-// but propagates them exactly as a direct sum does.
+// so a band in which one turns up is summed again window by window, which is O(kernel size)
+// per element but propagates them exactly as a direct sum does.
 #pragma once
 
 #include "../spatial_norm.h"
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace spatialnorm::cpu {
@@ -37,44 +38,45 @@ class SlidingWindowSums {
   // value(plane[r * width + x']) over the window around (row, x).
   template <typename T, typename Value, typename Emit>
   void run(const T* plane, int64_t row_begin, int64_t row_end, Value value, Emit emit) {
-    const int64_t first = std::max<int64_t>(0, row_begin - rows_.before);
-    const int64_t last = std::min(height_ - 1, row_end - 1 + rows_.after);
-    if (all_finite(plane + first * width_, (last - first + 1) * width_, value)) {
-      run_sliding(plane, row_begin, row_end, value, emit);
-    } else {
+    if (!run_sliding(plane, row_begin, row_end, value, emit)) {
       run_direct(plane, row_begin, row_end, value, emit);
     }
   }
 
  private:
-  template <typename T, typename Value>
-  static bool all_finite(const T* __restrict data, int64_t count, Value value) {
-    bool finite = true;
-    for (int64_t i = 0; i < count; ++i) {
-      const double v = value(data[i]);
-      finite &= (v - v == 0.0);  // false for NaN and infinities; no branch, so it vectorizes
-    }
-    return finite;
+  // 1 for NaN and infinities (all exponent bits set), else 0; integer arithmetic, so the loops
+  // that collect it still vectorize.
+  static uint64_t non_finite(double v) {
+    uint64_t bits;
+    std::memcpy(&bits, &v, sizeof bits);
+    constexpr uint64_t exponent = 0x7ff0000000000000ull;
+    return (bits & exponent) == exponent;
   }
 
+  // False, with rows emitted that must be redone, where a value entering the window was not finite.
   template <typename T, typename Value, typename Emit>
-  void run_sliding(const T* plane, int64_t row_begin, int64_t row_end, Value value, Emit emit) {
+  bool run_sliding(const T* plane, int64_t row_begin, int64_t row_end, Value value, Emit emit) {
+    uint64_t seen_non_finite = 0;
     double* columns = clear_columns();
     const int64_t first = std::max<int64_t>(0, row_begin - rows_.before);
     const int64_t last = std::min(height_ - 1, row_begin + rows_.after);
     for (int64_t r = first; r <= last; ++r) {
-      update(columns, plane + r * width_, static_cast<const T*>(nullptr), value);
+      seen_non_finite |= update(columns, plane + r * width_, static_cast<const T*>(nullptr), value);
     }
     for (int64_t row = row_begin; row < row_end; ++row) {
       if (row > row_begin) {
         const int64_t entering = row + rows_.after;
         const int64_t leaving = row - rows_.before - 1;
-        update(columns, entering < height_ ? plane + entering * width_ : nullptr,
-               leaving >= 0 ? plane + leaving * width_ : nullptr, value);
+        seen_non_finite |= update(columns, entering < height_ ? plane + entering * width_ : nullptr,
+                                  leaving >= 0 ? plane + leaving * width_ : nullptr, value);
+      }
+      if (seen_non_finite) {
+        return false;
       }
       sum_along_row(columns);
       emit(row, static_cast<const double*>(row_sums_.data()));
     }
+    return true;
   }
 
   template <typename T, typename Value, typename Emit>
@@ -103,21 +105,29 @@ class SlidingWindowSums {
     return column_sums_.data() + cols_.before + 1;
   }
 
+  // Adds the entering row to the column sums and subtracts the leaving one (either may be
+  // null); returns non-zero if an entering value was not finite. (Leaving values entered before.)
   template <typename T, typename Value>
-  void update(double* __restrict columns, const T* __restrict entering, const T* __restrict leaving, Value value) {
+  uint64_t update(double* __restrict columns, const T* __restrict entering, const T* __restrict leaving, Value value) {
+    uint64_t seen_non_finite = 0;
     if (entering && leaving) {
       for (int64_t x = 0; x < width_; ++x) {
-        columns[x] += value(entering[x]) - value(leaving[x]);
+        const double in = value(entering[x]);
+        seen_non_finite |= non_finite(in);
+        columns[x] += in - value(leaving[x]);
       }
     } else if (entering) {
       for (int64_t x = 0; x < width_; ++x) {
-        columns[x] += value(entering[x]);
+        const double in = value(entering[x]);
+        seen_non_finite |= non_finite(in);
+        columns[x] += in;
       }
     } else if (leaving) {
       for (int64_t x = 0; x < width_; ++x) {
         columns[x] -= value(leaving[x]);
       }
     }
+    return seen_non_finite;
   }
 
   void sum_along_row(const double* __restrict columns) {
@@ -127,8 +137,24 @@ class SlidingWindowSums {
       sum += columns[i];
     }
     out[0] = sum;
-    for (int64_t x = 1; x < width_; ++x) {
-      sum += columns[x + cols_.after] - columns[x - cols_.before - 1];
+    // sum(x) = sum(x - 1) + step(x). Four steps at a time, their partial sums formed off the
+    // chain, so the chain of dependent additions is a quarter as long.
+    const double* __restrict in = columns + cols_.after;
+    const double* __restrict out_of = columns - cols_.before - 1;
+    int64_t x = 1;
+    for (; x + 3 < width_; x += 4) {
+      const double s1 = in[x] - out_of[x];
+      const double s2 = s1 + (in[x + 1] - out_of[x + 1]);
+      const double s3 = s2 + (in[x + 2] - out_of[x + 2]);
+      const double s4 = s3 + (in[x + 3] - out_of[x + 3]);
+      out[x] = sum + s1;
+      out[x + 1] = sum + s2;
+      out[x + 2] = sum + s3;
+      sum += s4;
+      out[x + 3] = sum;
+    }
+    for (; x < width_; ++x) {
+      sum += in[x] - out_of[x];
       out[x] = sum;
     }
   }

@@ -16,10 +16,10 @@
 #include <vector>
 
 // The inner loops are plain arithmetic that the compiler vectorizes; build them for AVX2+FMA
-// as well as the baseline and pick at load time where the toolchain supports it. `flatten`
+// and AVX-512 as well as the baseline, and pick at load time where the toolchain supports it. `flatten`
 // inlines every helper into each clone, so that the helpers' loops get the clone's target too.
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define SPATIALNORM_VECTORIZED __attribute__((flatten, target_clones("arch=x86-64-v3", "default")))
+#define SPATIALNORM_VECTORIZED __attribute__((flatten, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SPATIALNORM_VECTORIZED
 #endif
