@@ -1,0 +1,1 @@
+"""The demo: ``python -m torch_spatialnorm.demo`` (see ``--help``)."""
