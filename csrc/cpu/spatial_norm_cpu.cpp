@@ -108,20 +108,24 @@ SPATIALNORM_VECTORIZED void forward_bands(const scalar_t* input, scalar_t* outpu
   SlidingWindowSums window(shape.height, width, forward_extent(settings.kernel_height),
                            forward_extent(settings.kernel_width));
   const Power<opmath_t> power(k.neg_beta);
-  std::vector<opmath_t> denominators(static_cast<size_t>(width));
+  std::vector<opmath_t> denominators;
   for (int64_t i = begin; i < end; ++i) {
     const Band band = bands[i];
-    const scalar_t* x_plane = input + band.plane * shape.height * width;
-    scalar_t* y_plane = output + band.plane * shape.height * width;
-    window.run(x_plane, band.row_begin, band.row_end, Squared{}, [&](int64_t row, const double* sums) {
-      const scalar_t* __restrict x = x_plane + row * width;
-      scalar_t* __restrict y = y_plane + row * width;
-      opmath_t* __restrict t = denominators.data();
-      k.denominators(sums, t, width);
-      for (int64_t c = 0; c < width; ++c) {
-        y[c] = static_cast<scalar_t>(static_cast<opmath_t>(x[c]) * power(t[c]));
-      }
-    });
+    const int64_t offset = band.plane * shape.height * width + band.row_begin * width;
+    denominators.resize(static_cast<size_t>((band.row_end - band.row_begin) * width));
+    window.run(input + band.plane * shape.height * width, band.row_begin, band.row_end, Squared{},
+               [&](int64_t row, const double* sums) {
+                 k.denominators(sums, denominators.data() + (row - band.row_begin) * width, width);
+               });
+    // The powers in one loop over the whole band: rows are short, and a loop per row would
+    // leave too few independent vectors in flight to hide the polynomials' latency.
+    const scalar_t* __restrict x = input + offset;
+    scalar_t* __restrict y = output + offset;
+    const opmath_t* __restrict t = denominators.data();
+    const int64_t count = static_cast<int64_t>(denominators.size());
+    for (int64_t c = 0; c < count; ++c) {
+      y[c] = static_cast<scalar_t>(static_cast<opmath_t>(x[c]) * power(t[c]));
+    }
   }
 }
 
@@ -140,42 +144,44 @@ SPATIALNORM_VECTORIZED void backward_bands(const scalar_t* grad_output, const sc
   const WindowExtent cols = forward_extent(settings.kernel_width);
   SlidingWindowSums window(shape.height, width, rows, cols);
   const Power<opmath_t> power(k.neg_beta);
-  std::vector<opmath_t> g_rows;
+  std::vector<opmath_t> denominators;  // then G
   std::vector<opmath_t> powers;
-  std::vector<opmath_t> denominators(static_cast<size_t>(width));
-  std::vector<opmath_t> spare_powers(static_cast<size_t>(width));  // T^-beta of rows outside the band
   for (int64_t i = begin; i < end; ++i) {
     const Band band = bands[i];
     const int64_t g_begin = std::max<int64_t>(0, band.row_begin - mirrored(rows).before);
     const int64_t g_end = std::min(shape.height, band.row_end + mirrored(rows).after);
-    g_rows.resize(static_cast<size_t>((g_end - g_begin) * width));
-    powers.resize(static_cast<size_t>((band.row_end - band.row_begin) * width));
+    const int64_t count = (g_end - g_begin) * width;
+    denominators.resize(static_cast<size_t>(count));
+    powers.resize(static_cast<size_t>(count));
     const int64_t offset = band.plane * shape.height * width;
     const scalar_t* x_plane = input + offset;
     const scalar_t* dy_plane = grad_output + offset;
     scalar_t* dx_plane = grad_input + offset;
 
     window.run(x_plane, g_begin, g_end, Squared{}, [&](int64_t row, const double* sums) {
-      const scalar_t* __restrict x = x_plane + row * width;
-      const scalar_t* __restrict dy = dy_plane + row * width;
-      opmath_t* __restrict g = g_rows.data() + (row - g_begin) * width;
-      const bool in_band = row >= band.row_begin && row < band.row_end;
-      opmath_t* __restrict p = in_band ? powers.data() + (row - band.row_begin) * width : spare_powers.data();
-      opmath_t* __restrict t = denominators.data();
-      k.denominators(sums, t, width);
-      for (int64_t c = 0; c < width; ++c) {
-        p[c] = power(t[c]);
-        g[c] = static_cast<opmath_t>(dy[c]) * static_cast<opmath_t>(x[c]) * (p[c] / t[c]);
-      }
+      k.denominators(sums, denominators.data() + (row - g_begin) * width, width);
     });
+    // One loop over all rows, as in the forward pass; G replaces T in place.
+    {
+      const scalar_t* __restrict x = x_plane + g_begin * width;
+      const scalar_t* __restrict dy = dy_plane + g_begin * width;
+      opmath_t* __restrict t_then_g = denominators.data();
+      opmath_t* __restrict p = powers.data();
+      for (int64_t c = 0; c < count; ++c) {
+        const opmath_t t = t_then_g[c];
+        p[c] = power(t);
+        t_then_g[c] = static_cast<opmath_t>(dy[c]) * static_cast<opmath_t>(x[c]) * (p[c] / t);
+      }
+    }
+    const opmath_t* g_rows = denominators.data();
 
     SlidingWindowSums mirrored_window(g_end - g_begin, width, mirrored(rows), mirrored(cols));
-    mirrored_window.run(g_rows.data(), band.row_begin - g_begin, band.row_end - g_begin, AsIs{},
+    mirrored_window.run(g_rows, band.row_begin - g_begin, band.row_end - g_begin, AsIs{},
                         [&](int64_t local_row, const double* sums) {
                           const int64_t row = local_row + g_begin;
                           const scalar_t* __restrict x = x_plane + row * width;
                           const scalar_t* __restrict dy = dy_plane + row * width;
-                          const opmath_t* __restrict p = powers.data() + (row - band.row_begin) * width;
+                          const opmath_t* __restrict p = powers.data() + local_row * width;
                           scalar_t* __restrict dx = dx_plane + row * width;
                           for (int64_t c = 0; c < width; ++c) {
                             dx[c] = static_cast<scalar_t>(static_cast<opmath_t>(dy[c]) * p[c] -
