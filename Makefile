@@ -36,7 +36,7 @@ clang:
 		{ echo "make test needs $(CLANG): install Debian's clang-19 package" >&2; exit 1; }
 
 bench: $(BUILT)
-	$(PY) benchmarks/bench.py --device cpu
+	$(PY) benchmarks/bench.py --device cpu --shapes typical
 
 clean:
 	rm -rf build dist *.egg-info torch_spatialnorm/*.so $(BUILT)

@@ -100,6 +100,9 @@ def peak_extra_bytes(step, device):
 def implementations(compile_composite):
     impls = {"ours": sn.spatial_normalization, "eager": composite}
     if compile_composite:
+        # One specialization per kernel size, shape and grad mode: more than dynamo's default
+        # limit of 8, past which it would silently fall back to eager.
+        torch._dynamo.config.recompile_limit = 256
         impls["compiled"] = torch.compile(composite, dynamic=False)
     return impls
 
@@ -188,7 +191,7 @@ def plot(rows, path, title):
             ax.set(xlabel="kernel size (k × k)", ylabel="ms (median)", title=f"{label}, {shape}", yscale="log")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend()
-    fig.suptitle(title)
+    fig.suptitle(title.replace(": ", ":\n", 1), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
