@@ -20,14 +20,14 @@ def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # The kernels' loops vectorize only without math errno and FP trapping semantics; at::parallel_for
     # runs serially in code built without OpenMP.
-    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-std=c++17"]
+    cxx_flags = ["-O3", "-fno-math-errno", "-fno-trapping-math"]  # the C++ standard is torch's choice
     link_flags = []
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
         link_flags.append("-fopenmp")
     if wants_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc_flags = ["-O3", "-std=c++17", "-lineinfo"]
+        nvcc_flags = ["-O3", "-lineinfo"]
         return CUDAExtension(
             "torch_spatialnorm._C",
             sources,

@@ -139,6 +139,39 @@ __device__ inline DoublePowers negative_powers(double t, double neg_beta) {
   return {power, power / t};
 }
 
+// One thread's column: a strip of `lanes` columns, of which the outer `before` and `after` only
+// feed other columns' windows, and a band of rows.
+struct Column {
+  int64_t index;  // in the image
+  bool in_image;
+  bool writes;  // an output column of the strip
+  int64_t row_begin;
+  int64_t row_end;
+
+  __device__ Column(const BlockPosition& at, int lanes, int lane, int before, int after, int64_t height,
+                    int64_t width, int64_t band_rows)
+      : index(at.strip * (lanes - before - after) - before + lane),
+        in_image(index >= 0 && index < width),
+        writes(in_image && lane >= before && lane < lanes - after),
+        row_begin(at.band * band_rows),
+        row_end(min(height, at.band * band_rows + band_rows)) {}
+};
+
+// The running sum of X^2 over the window of row `row` - 1, so that each row from `row` on adds
+// one row and drops one.
+template <typename scalar_t>
+__device__ inline RunningSum<at::opmath_type<scalar_t>> window_above(const scalar_t* x, int64_t row, Extents w,
+                                                                     int64_t height, int64_t width,
+                                                                     const Column& column) {
+  RunningSum<at::opmath_type<scalar_t>> sum;
+  if (column.in_image) {
+    for (int64_t r = max(int64_t{0}, row - w.top - 1); r <= min(height - 1, row + w.bottom - 1); ++r) {
+      sum.add(squared(x[r * width + column.index]), 1);
+    }
+  }
+  return sum;
+}
+
 // What a column's running window sum needs for rows row0 .. row0 + kRowsPerStep - 1: the
 // squares of the rows entering and leaving the window (0 outside the image or the rows asked
 // for). Loaded in one go so that the loads' latencies overlap.
@@ -189,22 +222,15 @@ __global__ void forward_kernel(const scalar_t* __restrict__ input, scalar_t* __r
   using opmath_t = at::opmath_type<scalar_t>;
   extern __shared__ double scratch[];
   const BlockPosition block = block_position(strips, bands);
-  const int t = threadIdx.x;
-  const int64_t column = block.strip * (blockDim.x - w.left - w.right) - w.left + t;
-  const bool in_image = column >= 0 && column < width;
-  const bool writes = in_image && t >= w.left && t < static_cast<int>(blockDim.x) - w.right;
+  const Column c(block, blockDim.x, threadIdx.x, w.left, w.right, height, width, band_rows);
+  const int64_t column = c.index;
+  const bool in_image = c.in_image;
+  const bool writes = c.writes;
+  const int64_t row_begin = c.row_begin;
+  const int64_t row_end = c.row_end;
   const scalar_t* x = input + block.plane * height * width;
   scalar_t* y = output + block.plane * height * width;
-  const int64_t row_begin = block.band * band_rows;
-  const int64_t row_end = min(height, row_begin + band_rows);
-
-  // The window of row_begin - 1, so that every row below adds one row and drops one.
-  RunningSum<opmath_t> vertical;
-  if (in_image) {
-    for (int64_t r = max(int64_t{0}, row_begin - w.top - 1); r <= min(height - 1, row_begin + w.bottom - 1); ++r) {
-      vertical.add(squared(x[r * width + column]), 1);
-    }
-  }
+  RunningSum<opmath_t> vertical = window_above(x, row_begin, w, height, width, c);
   for (int64_t row0 = row_begin; row0 < row_end; row0 += kRowsPerStep) {
     SlidingRows<opmath_t> rows;
     rows.load(x, row0, row_end, in_image, w.top, w.bottom, height, width, column);
@@ -248,16 +274,17 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const 
   const BlockPosition block = block_position(strips, bands);
   const int t = threadIdx.x;
   const int halo = w.left + w.right;  // G needs W's halo, the output M's: the same width
-  const int64_t column = block.strip * (n - 2 * halo) - halo + t;
-  const bool in_image = column >= 0 && column < width;
+  const Column c(block, n, t, halo, halo, height, width, band_rows);
+  const int64_t column = c.index;
+  const bool in_image = c.in_image;
   const bool makes_g = in_image && t >= w.left && t < n - w.right;
-  const bool writes = in_image && t >= halo && t < n - halo;
+  const bool writes = c.writes;
+  const int64_t row_begin = c.row_begin;
+  const int64_t row_end = c.row_end;
   const int64_t offset = block.plane * height * width;
   const scalar_t* x = input + offset;
   const scalar_t* dy = grad_output + offset;
   scalar_t* dx = grad_input + offset;
-  const int64_t row_begin = block.band * band_rows;
-  const int64_t row_end = min(height, row_begin + band_rows);
   // M reaches w.bottom rows up and w.top rows down; rows past the image have G = 0.
   const int64_t g_begin = max(int64_t{0}, row_begin - w.bottom);
   const int64_t g_end = row_end + w.top;
@@ -265,12 +292,7 @@ __global__ void backward_kernel(const scalar_t* __restrict__ grad_output, const 
   for (int i = 0; i < ring_rows; ++i) {
     g_ring[i * n + t] = 0;
   }
-  RunningSum<opmath_t> squares;
-  if (in_image) {
-    for (int64_t r = max(int64_t{0}, g_begin - w.top - 1); r <= min(height - 1, g_begin + w.bottom - 1); ++r) {
-      squares.add(squared(x[r * width + column]), 1);
-    }
-  }
+  RunningSum<opmath_t> squares = window_above(x, g_begin, w, height, width, c);
   RunningSum<opmath_t> terms;
   for (int64_t r0 = g_begin; r0 < g_end; r0 += kRowsPerStep) {
     // T, P and G of rows r0 .. r0 + kRowsPerStep - 1.
@@ -370,21 +392,15 @@ __global__ void forward_warp_kernel(const scalar_t* __restrict__ input, scalar_t
   if (!warp_position(strips, bands, planes, at)) {
     return;  // the whole warp: shuffles below stay among full warps
   }
-  const int lane = threadIdx.x & 31;
-  const int64_t column = at.strip * (32 - w.left - w.right) - w.left + lane;
-  const bool in_image = column >= 0 && column < width;
-  const bool writes = in_image && lane >= w.left && lane < 32 - w.right;
+  const Column c(at, 32, threadIdx.x & 31, w.left, w.right, height, width, band_rows);
+  const int64_t column = c.index;
+  const bool in_image = c.in_image;
+  const bool writes = c.writes;
+  const int64_t row_begin = c.row_begin;
+  const int64_t row_end = c.row_end;
   const scalar_t* x = input + at.plane * height * width;
   scalar_t* y = output + at.plane * height * width;
-  const int64_t row_begin = at.band * band_rows;
-  const int64_t row_end = min(height, row_begin + band_rows);
-
-  RunningSum<opmath_t> vertical;  // the window of row_begin - 1
-  if (in_image) {
-    for (int64_t r = max(int64_t{0}, row_begin - w.top - 1); r <= min(height - 1, row_begin + w.bottom - 1); ++r) {
-      vertical.add(squared(x[r * width + column]), 1);
-    }
-  }
+  RunningSum<opmath_t> vertical = window_above(x, row_begin, w, height, width, c);
   // Walk pointers down the column rather than recomputing 64-bit offsets every row.
   const scalar_t* entering = x + (row_begin + w.bottom) * width + column;
   const scalar_t* leaving = x + (row_begin - w.top - 1) * width + column;
@@ -423,28 +439,24 @@ __global__ void backward_warp_kernel(const scalar_t* __restrict__ grad_output, c
   }
   const int lane = threadIdx.x & 31;
   const int halo = w.left + w.right;
-  const int64_t column = at.strip * (32 - 2 * halo) - halo + lane;
-  const bool in_image = column >= 0 && column < width;
+  const Column c(at, 32, lane, halo, halo, height, width, band_rows);
+  const int64_t column = c.index;
+  const bool in_image = c.in_image;
   const bool makes_g = in_image && lane >= w.left && lane < 32 - w.right;
-  const bool writes = in_image && lane >= halo && lane < 32 - halo;
+  const bool writes = c.writes;
+  const int64_t row_begin = c.row_begin;
+  const int64_t row_end = c.row_end;
   const int64_t offset = at.plane * height * width;
   const scalar_t* x = input + offset;
   const scalar_t* dy = grad_output + offset;
   scalar_t* dx = grad_input + offset;
-  const int64_t row_begin = at.band * band_rows;
-  const int64_t row_end = min(height, row_begin + band_rows);
   const int64_t g_begin = max(int64_t{0}, row_begin - w.bottom);
   const int64_t g_end = row_end + w.top;
 
   for (int i = 0; i < window_rows; ++i) {
     g_ring[i * 32 + lane] = 0;
   }
-  RunningSum<opmath_t> squares;
-  if (in_image) {
-    for (int64_t r = max(int64_t{0}, g_begin - w.top - 1); r <= min(height - 1, g_begin + w.bottom - 1); ++r) {
-      squares.add(squared(x[r * width + column]), 1);
-    }
-  }
+  RunningSum<opmath_t> squares = window_above(x, g_begin, w, height, width, c);
   RunningSum<opmath_t> terms;
   for (int64_t r0 = g_begin; r0 < g_end; r0 += kRowsPerStep) {
     SlidingRows<opmath_t> rows;
