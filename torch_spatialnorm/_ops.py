@@ -81,7 +81,7 @@ def _forward_setup_context(ctx, inputs, output):
 
 def _forward_backward(ctx, grad_output):
     (input,) = ctx.saved_tensors
-    return (backward(grad_output.contiguous(), input, *ctx.settings), None, None, None, None, None)
+    return (backward(grad_output, input, *ctx.settings), None, None, None, None, None)
 
 
 torch.library.register_autograd("spatialnorm::forward", _forward_backward, setup_context=_forward_setup_context)
