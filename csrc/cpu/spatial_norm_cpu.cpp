@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 // The inner loops are plain arithmetic that the compiler vectorizes; build them for AVX2+FMA
@@ -58,6 +59,20 @@ class Bands {
   PlaneShape shape_;
   int64_t per_plane_;
 };
+
+// Runs fn(begin, end) over [0, count) in batches that the threads claim from a shared counter:
+// a thread the machine slows down takes fewer batches instead of holding the others up.
+template <typename Fn>
+void parallel_batches(int64_t count, const Fn& fn) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t batch = std::max<int64_t>(1, count / (8 * threads));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t begin = next.fetch_add(batch); begin < count; begin = next.fetch_add(batch)) {
+      fn(begin, std::min(count, begin + batch));
+    }
+  });
+}
 
 // The settings turned into the constants the loops use, in the compute type.
 template <typename opmath_t>
@@ -207,7 +222,7 @@ at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_forward_cpu", [&] {
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     scalar_t* y_data = output.contiguous().mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, bands.count(), 1, [&](int64_t begin, int64_t end) {
+    parallel_batches(bands.count(), [&](int64_t begin, int64_t end) {
       forward_bands(x_data, y_data, shape, settings, bands, begin, end);
     });
   });
@@ -233,7 +248,7 @@ at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& input, int6
     const scalar_t* x_data = x.const_data_ptr<scalar_t>();
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
     scalar_t* dx_data = grad_input.contiguous().mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, bands.count(), 1, [&](int64_t begin, int64_t end) {
+    parallel_batches(bands.count(), [&](int64_t begin, int64_t end) {
       backward_bands(dy_data, x_data, dx_data, shape, settings, bands, begin, end);
     });
   });
