@@ -7,6 +7,7 @@
 #include <cmath>
 
 namespace spatialnorm {
+namespace {
 
 void check_settings(const Settings& s) {
   TORCH_CHECK_VALUE(s.kernel_width >= 1, "kernel_width must be an integer >= 1, got ", s.kernel_width);
@@ -32,6 +33,26 @@ void check_same_layout(const at::Tensor& grad_output, const at::Tensor& input) {
   TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(),
                    "grad_output and input must have the same dtype, got ", grad_output.scalar_type(), " and ",
                    input.scalar_type());
+}
+
+}  // namespace
+
+Settings checked_forward_arguments(const at::Tensor& input, int64_t kernel_width, int64_t kernel_height,
+                                   double alpha, double beta, double delta) {
+  const Settings settings{kernel_width, kernel_height, alpha, beta, delta};
+  check_settings(settings);
+  check_image(input, "input");
+  return settings;
+}
+
+Settings checked_backward_arguments(const at::Tensor& grad_output, const at::Tensor& input, int64_t kernel_width,
+                                    int64_t kernel_height, double alpha, double beta, double delta) {
+  const Settings settings{kernel_width, kernel_height, alpha, beta, delta};
+  check_settings(settings);
+  check_image(grad_output, "grad_output");
+  check_image(input, "input");
+  check_same_layout(grad_output, input);
+  return settings;
 }
 
 PlaneShape plane_shape(const at::Tensor& image) {

@@ -35,10 +35,12 @@ struct Settings {
   int64_t window_size() const { return kernel_width * kernel_height; }
 };
 
-// Throw a c10::Error naming the offending argument; nothing has been touched when they do.
-void check_settings(const Settings& settings);
-void check_image(const at::Tensor& tensor, const char* name);
-void check_same_layout(const at::Tensor& grad_output, const at::Tensor& input);
+// The arguments of each op, checked: a c10::Error names the offending one, and nothing has been
+// touched when it is thrown.
+Settings checked_forward_arguments(const at::Tensor& input, int64_t kernel_width, int64_t kernel_height,
+                                   double alpha, double beta, double delta);
+Settings checked_backward_arguments(const at::Tensor& grad_output, const at::Tensor& input, int64_t kernel_width,
+                                    int64_t kernel_height, double alpha, double beta, double delta);
 
 // A tensor shaped (planes, height, width) view of a 3-D or 4-D image.
 struct PlaneShape {

@@ -11,33 +11,21 @@ import torch
 from . import _C  # noqa: F401  (registers the schema and the compiled kernels)
 from . import reference
 from ._layout import laid_out_like
-from ._validation import check_image, check_same_layout, check_settings
+from ._validation import check_backward_arguments, check_forward_arguments
 
 forward = torch.ops.spatialnorm.forward
 backward = torch.ops.spatialnorm.backward
 
 
-def _check_forward_args(input, kernel_width, kernel_height, alpha, beta, delta):
-    check_settings(kernel_width, kernel_height, alpha, beta, delta)
-    check_image(input, "input")
-
-
-def _check_backward_args(grad_output, input, kernel_width, kernel_height, alpha, beta, delta):
-    check_settings(kernel_width, kernel_height, alpha, beta, delta)
-    check_image(grad_output, "grad_output")
-    check_image(input, "input")
-    check_same_layout(grad_output, input)
-
-
 @torch.library.register_fake("spatialnorm::forward")
 def _forward_fake(input, kernel_width, kernel_height, alpha, beta, delta):
-    _check_forward_args(input, kernel_width, kernel_height, alpha, beta, delta)
+    check_forward_arguments(input, kernel_width, kernel_height, alpha, beta, delta)
     return torch.empty_like(input)
 
 
 @torch.library.register_fake("spatialnorm::backward")
 def _backward_fake(grad_output, input, kernel_width, kernel_height, alpha, beta, delta):
-    _check_backward_args(grad_output, input, kernel_width, kernel_height, alpha, beta, delta)
+    check_backward_arguments(grad_output, input, kernel_width, kernel_height, alpha, beta, delta)
     return torch.empty_like(input)
 
 
@@ -56,13 +44,13 @@ def _warn_once_about_fallback(device):
 
 
 def _forward_reference(input, kernel_width, kernel_height, alpha, beta, delta):
-    _check_forward_args(input, kernel_width, kernel_height, alpha, beta, delta)
+    check_forward_arguments(input, kernel_width, kernel_height, alpha, beta, delta)
     _warn_once_about_fallback(input.device)
     return laid_out_like(input, reference.spatial_normalization(input, kernel_width, kernel_height, alpha, beta, delta))
 
 
 def _backward_reference(grad_output, input, kernel_width, kernel_height, alpha, beta, delta):
-    _check_backward_args(grad_output, input, kernel_width, kernel_height, alpha, beta, delta)
+    check_backward_arguments(grad_output, input, kernel_width, kernel_height, alpha, beta, delta)
     _warn_once_about_fallback(input.device)
     result = reference.spatial_normalization_gradient(grad_output, input, kernel_width, kernel_height, alpha, beta, delta)
     return laid_out_like(input, result)

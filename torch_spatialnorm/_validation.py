@@ -58,3 +58,19 @@ def check_same_layout(grad, image, grad_name: str = "grad_output", image_name: s
         if a != b:
             error = TypeError if what == "dtype" else ValueError
             raise error(f"{grad_name} and {image_name} must have the same {what}, got {a} and {b}")
+
+
+def check_forward_arguments(input, kernel_width, kernel_height, alpha, beta, delta):
+    """The op's settings, validated, after checking its input (as the C++ kernels do)."""
+    settings = check_settings(kernel_width, kernel_height, alpha, beta, delta)
+    check_image(input, "input")
+    return settings
+
+
+def check_backward_arguments(grad_output, input, kernel_width, kernel_height, alpha, beta, delta):
+    """The gradient op's settings, validated, after checking both tensors (as the C++ kernels do)."""
+    settings = check_settings(kernel_width, kernel_height, alpha, beta, delta)
+    check_image(grad_output, "grad_output")
+    check_image(input, "input")
+    check_same_layout(grad_output, input)
+    return settings

@@ -12,7 +12,7 @@ import torch
 
 from . import _ops  # noqa: F401  (the op schema must exist before kernels are registered)
 from ._layout import laid_out_like
-from ._validation import check_image, check_same_layout, check_settings
+from ._validation import check_backward_arguments, check_forward_arguments
 
 # Kernel name suffix of each dtype the Metal source instantiates.
 _KERNEL_SUFFIX = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}
@@ -60,8 +60,9 @@ class MetalKernels:
         return sums
 
     def forward(self, input, kernel_width, kernel_height, alpha, beta, delta):
-        kernel_width, kernel_height, alpha, beta, delta = check_settings(kernel_width, kernel_height, alpha, beta, delta)
-        check_image(input, "input")
+        kernel_width, kernel_height, alpha, beta, delta = check_forward_arguments(
+            input, kernel_width, kernel_height, alpha, beta, delta
+        )
         kernel = self._kernel("forward_from_row_sums", input.dtype)
         x = input.contiguous()  # the kernels read raw storage: strides would be ignored
         height, width = x.shape[-2:]
@@ -76,10 +77,9 @@ class MetalKernels:
         return laid_out_like(input, output)
 
     def backward(self, grad_output, input, kernel_width, kernel_height, alpha, beta, delta):
-        kernel_width, kernel_height, alpha, beta, delta = check_settings(kernel_width, kernel_height, alpha, beta, delta)
-        check_image(grad_output, "grad_output")
-        check_image(input, "input")
-        check_same_layout(grad_output, input)
+        kernel_width, kernel_height, alpha, beta, delta = check_backward_arguments(
+            grad_output, input, kernel_width, kernel_height, alpha, beta, delta
+        )
         terms_kernel = self._kernel("gradient_terms", input.dtype)
         finish_kernel = self._kernel("gradient_from_row_sums", input.dtype)
         x, dy = input.contiguous(), grad_output.contiguous()

@@ -209,9 +209,7 @@ SPATIALNORM_VECTORIZED void backward_bands(const scalar_t* grad_output, const sc
 
 at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel_height, double alpha, double beta,
                    double delta) {
-  const Settings settings{kernel_width, kernel_height, alpha, beta, delta};
-  check_settings(settings);
-  check_image(input, "input");
+  const Settings settings = checked_forward_arguments(input, kernel_width, kernel_height, alpha, beta, delta);
   OutputBuffer output(input);
   const PlaneShape shape = plane_shape(input);
   if (input.numel() == 0) {
@@ -231,11 +229,8 @@ at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel
 
 at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& input, int64_t kernel_width,
                     int64_t kernel_height, double alpha, double beta, double delta) {
-  const Settings settings{kernel_width, kernel_height, alpha, beta, delta};
-  check_settings(settings);
-  check_image(grad_output, "grad_output");
-  check_image(input, "input");
-  check_same_layout(grad_output, input);
+  const Settings settings =
+      checked_backward_arguments(grad_output, input, kernel_width, kernel_height, alpha, beta, delta);
   OutputBuffer grad_input(input);
   const PlaneShape shape = plane_shape(input);
   if (input.numel() == 0) {

@@ -557,9 +557,7 @@ void allow_shared_memory(Kernel kernel, size_t bytes) {
 
 at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel_height, double alpha, double beta,
                    double delta) {
-  const Settings settings{kernel_width, kernel_height, alpha, beta, delta};
-  check_settings(settings);
-  check_image(input, "input");
+  const Settings settings = checked_forward_arguments(input, kernel_width, kernel_height, alpha, beta, delta);
   const c10::cuda::CUDAGuard guard(input.device());
   const PlaneShape shape = plane_shape(input);
   OutputBuffer output(input);
@@ -597,11 +595,8 @@ at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel
 
 at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& input, int64_t kernel_width,
                     int64_t kernel_height, double alpha, double beta, double delta) {
-  const Settings settings{kernel_width, kernel_height, alpha, beta, delta};
-  check_settings(settings);
-  check_image(grad_output, "grad_output");
-  check_image(input, "input");
-  check_same_layout(grad_output, input);
+  const Settings settings =
+      checked_backward_arguments(grad_output, input, kernel_width, kernel_height, alpha, beta, delta);
   const c10::cuda::CUDAGuard guard(input.device());
   const PlaneShape shape = plane_shape(input);
   OutputBuffer grad_input(input);
