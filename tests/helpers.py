@@ -36,3 +36,20 @@ def expected_gradient(dy, x, kernel_width, kernel_height, alpha, beta, delta):
     return reference.spatial_normalization_gradient(
         dy.double().cpu(), x.double().cpu(), kernel_width, kernel_height, alpha, beta, delta
     )
+
+
+def check_against_reference(forward, gradient, x, dy, kernel, settings, dtype, tolerance, device="cpu"):
+    """Runs ``forward(x, kw, kh, **settings)`` and ``gradient(dy, x, kw, kh, **settings)`` on ``device`` in
+    ``dtype`` and compares both with the float64 reference: right dtype, shape and device, every
+    element written and finite, ‖got − ref‖ / ‖ref‖ under ``tolerance``. Returns the (got, expected) pairs."""
+    kw, kh = kernel
+    on_device = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    pairs = [
+        (forward(on_device(x), kw, kh, **settings), expected_forward(x, kw, kh, **settings)),
+        (gradient(on_device(dy), on_device(x), kw, kh, **settings), expected_gradient(dy, x, kw, kh, **settings)),
+    ]
+    for got, expected in pairs:
+        assert got.dtype == dtype and got.shape == x.shape and got.device.type == torch.device(device).type
+        assert torch.isfinite(got).all(), "an output element was not written or overflowed"
+        assert relative_error(got, expected) < tolerance
+    return pairs

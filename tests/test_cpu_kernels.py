@@ -4,17 +4,14 @@ import pytest
 import torch
 
 import torch_spatialnorm as sn
-from helpers import KERNELS, SETTINGS, SHAPES, TOLERANCE, expected_forward, expected_gradient, random_image, relative_error
+from helpers import check_against_reference, KERNELS, SETTINGS, SHAPES, TOLERANCE, expected_forward, expected_gradient, random_image, relative_error
 
 
 def check_both_ways(x, dy, kernel, settings, dtype):
-    kw, kh = kernel
-    y = sn.spatial_normalization(x.to(dtype), kw, kh, **settings)
-    dx = sn.spatial_normalization_gradient(dy.to(dtype), x.to(dtype), kw, kh, **settings)
-    for got, expected in [(y, expected_forward(x, kw, kh, **settings)), (dx, expected_gradient(dy, x, kw, kh, **settings))]:
-        assert got.dtype == dtype and got.shape == x.shape
-        assert torch.isfinite(got).all(), "an output element was not written or overflowed"
-        assert relative_error(got, expected) < TOLERANCE[dtype]
+    pairs = check_against_reference(
+        sn.spatial_normalization, sn.spatial_normalization_gradient, x, dy, kernel, settings, dtype, TOLERANCE[dtype]
+    )
+    for got, expected in pairs:
         # Element by element too, so that no single pixel can hide in the norm.
         torch.testing.assert_close(got.double(), expected, rtol=100 * TOLERANCE[dtype], atol=1e-3 * expected.abs().max().item())
 

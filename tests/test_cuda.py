@@ -8,20 +8,16 @@ import pytest
 import torch
 
 import torch_spatialnorm as sn
-from helpers import KERNELS, SETTINGS, SHAPES, TOLERANCE, expected_forward, expected_gradient, random_image, relative_error
+from helpers import check_against_reference, KERNELS, SETTINGS, SHAPES, TOLERANCE, expected_forward, expected_gradient, random_image, relative_error
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA)")
 
 
 def run_both(x, dy, kernel, settings, dtype):
-    kw, kh = kernel
-    xc, dyc = x.to("cuda", dtype), dy.to("cuda", dtype)
-    y = sn.spatial_normalization(xc, kw, kh, **settings)
-    dx = sn.spatial_normalization_gradient(dyc, xc, kw, kh, **settings)
-    for got, expected in [(y, expected_forward(x, kw, kh, **settings)), (dx, expected_gradient(dy, x, kw, kh, **settings))]:
-        assert got.device.type == "cuda" and got.dtype == dtype and got.shape == x.shape
-        assert torch.isfinite(got).all()
-        assert relative_error(got, expected) < TOLERANCE[dtype]
+    check_against_reference(
+        sn.spatial_normalization, sn.spatial_normalization_gradient, x, dy, kernel, settings, dtype, TOLERANCE[dtype],
+        "cuda",
+    )
 
 
 def test_the_cuda_kernels_are_built():

@@ -4,13 +4,12 @@ On Linux the kernels run in the CPU emulator (tests/metal_emulator) through the 
 the mps device uses; on a Mac with an Apple GPU the same tests also run the real device.
 """
 
-import shutil
 
 import pytest
 import torch
 
 import torch_spatialnorm as sn
-from helpers import KERNELS, SETTINGS, SHAPES, expected_forward, expected_gradient, random_image, relative_error
+from helpers import check_against_reference, KERNELS, SETTINGS, SHAPES, expected_forward, expected_gradient, random_image, relative_error
 from metal_emulator import BindingError, compile_library, syntax_check_address_spaces
 from torch_spatialnorm.mps import MetalKernels, metal_source_path
 
@@ -41,14 +40,10 @@ def target(request, emulated_library):
 
 
 def run_both(target, x, dy, kernel, settings, dtype):
-    kw, kh = kernel
-    on_device = lambda t: t.to(device=target.device, dtype=dtype)  # noqa: E731
-    y = target.kernels.forward(on_device(x), kw, kh, **settings)
-    dx = target.kernels.backward(on_device(dy), on_device(x), kw, kh, **settings)
-    for got, expected in [(y, expected_forward(x, kw, kh, **settings)), (dx, expected_gradient(dy, x, kw, kh, **settings))]:
-        assert got.dtype == dtype and got.shape == x.shape and got.device.type == target.device
-        assert torch.isfinite(got).all(), "an output element was not written"
-        assert relative_error(got, expected) < METAL_TOLERANCE[dtype]
+    check_against_reference(
+        target.kernels.forward, target.kernels.backward, x, dy, kernel, settings, dtype, METAL_TOLERANCE[dtype],
+        target.device,
+    )
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
