@@ -1,4 +1,5 @@
-"""One forward and one gradient call at the benchmark's CUDA size, for Nsight Compute:
+"""One forward and one gradient call at the benchmark's CUDA size, for Nsight Compute, after a
+copy of the input (the device-copy bandwidth the kernels are measured against):
 
     ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \\
         python benchmarks/profile_cuda.py --kernel 5
@@ -16,6 +17,7 @@ parser.add_argument("--shape", type=int, nargs=4, default=[32, 64, 112, 112])
 args = parser.parse_args()
 x = torch.randn(args.shape, device="cuda")
 dy = torch.randn_like(x)
+x.clone()
 sn.spatial_normalization(x, args.kernel, alpha=1e-2, beta=0.75)
 sn.spatial_normalization_gradient(dy, x, args.kernel, alpha=1e-2, beta=0.75)
 torch.cuda.synchronize()

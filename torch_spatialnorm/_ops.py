@@ -1,7 +1,8 @@
 """Python-side registrations for the ``spatialnorm`` operators declared in csrc/ops.cpp.
 
-Importing this module loads the compiled kernels (CPU, and CUDA where built) and adds the fake
-kernels, the autograd formulas, and the reference implementation for devices without a kernel.
+Importing this module loads the compiled kernels (CPU, and CUDA where built) and the forward's
+autograd (csrc/autograd.cpp), and adds the fake kernels, the gradient op's autograd formula, and
+the reference implementation for devices without a kernel.
 """
 
 import warnings
@@ -58,21 +59,6 @@ def _backward_reference(grad_output, input, kernel_width, kernel_height, alpha, 
 
 torch.library.register_kernel("spatialnorm::forward", None, _forward_reference)
 torch.library.register_kernel("spatialnorm::backward", None, _backward_reference)
-
-
-# Autograd of the forward op: its backward is the gradient kernel, and only the input is saved.
-def _forward_setup_context(ctx, inputs, output):
-    input, *settings = inputs
-    ctx.settings = settings
-    ctx.save_for_backward(input)
-
-
-def _forward_backward(ctx, grad_output):
-    (input,) = ctx.saved_tensors
-    return (backward(grad_output, input, *ctx.settings), None, None, None, None, None)
-
-
-torch.library.register_autograd("spatialnorm::forward", _forward_backward, setup_context=_forward_setup_context)
 
 
 # Autograd of the gradient op (double backward of the forward), as a composite of PyTorch ops.

@@ -1,0 +1,218 @@
+// Device helpers of the CUDA kernels: 2-D arrays in a block's shared memory, loading a region of
+// an image plane into one, and window sums sliding along its rows or down its columns.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+
+namespace spatialnorm::cuda {
+
+using Divider = at::cuda::detail::IntDivider<unsigned int>;
+
+// A row-major 2-D array in shared memory. The pitch is odd, so that the threads of a warp walking
+// along 32 different rows at once touch 32 different banks.
+template <typename T>
+struct SharedArray {
+  T* data;
+  int pitch;
+
+  __device__ T& operator()(int row, int column) const { return data[row * pitch + column]; }
+};
+
+// Hands out consecutive 16-byte aligned arrays of a block's dynamic shared memory. The host runs
+// the same code without memory to learn how many bytes a launch needs.
+class SharedLayout {
+ public:
+  __host__ __device__ explicit SharedLayout(unsigned char* base) : base_(base) {}
+
+  template <typename T>
+  __host__ __device__ SharedArray<T> take(int rows, int columns) {
+    const SharedArray<T> array{base_ == nullptr ? nullptr : reinterpret_cast<T*>(base_ + used_), columns | 1};
+    used_ += (sizeof(T) * rows * array.pitch + 15) / 16 * 16;
+    return array;
+  }
+
+  __host__ __device__ size_t bytes() const { return used_; }
+
+ private:
+  unsigned char* base_;
+  size_t used_ = 0;
+};
+
+// A rectangle of a plane, relative to the plane's row-major data.
+struct Region {
+  int64_t row0;
+  int64_t col0;
+  int rows;
+  int columns;
+};
+
+// Which rows and columns of a region lie in the plane.
+struct Inside {
+  int first_row, last_row, first_column, last_column;
+
+  __device__ Inside(const Region& region, int64_t height, int64_t width)
+      : first_row(static_cast<int>(max(int64_t{0}, -region.row0))),
+        last_row(static_cast<int>(min(int64_t{region.rows}, height - region.row0))),
+        first_column(static_cast<int>(max(int64_t{0}, -region.col0))),
+        last_column(static_cast<int>(min(int64_t{region.columns}, width - region.col0))) {}
+
+  __device__ bool operator()(int r, int c) const {
+    return r >= first_row && r < last_row && c >= first_column && c < last_column;
+  }
+};
+
+// How a launch reads its regions: in groups of `vector` consecutive elements (one 16-byte load
+// each where the rows allow it). Each thread keeps to one group column and walks down the rows,
+// `lanes` threads side by side along a row so that their loads coalesce.
+struct RegionLoad {
+  int groups;         // the most groups a row of a region spans
+  Divider lanes;      // threads side by side along a row
+  int rows_per_step;  // rows the block's threads cover at once
+  int vector;
+
+  RegionLoad() = default;
+  RegionLoad(int max_columns, int vector, int threads)
+      : groups((max_columns + 2 * (vector - 1)) / vector),
+        lanes(std::min(groups, threads)),
+        rows_per_step(threads / std::min(groups, threads)),
+        vector(vector) {}
+};
+
+template <typename scalar_t, int size>
+struct alignas(sizeof(scalar_t) * size) Group {
+  scalar_t values[size];
+};
+
+// Groups of a load in flight per thread before it stores any.
+constexpr int kLoadBatch = 4;
+
+template <int kVector, typename T, typename scalar_t>
+__device__ inline void load_groups(SharedArray<T> array, const scalar_t* __restrict__ plane, int64_t height,
+                                   int64_t width, const Region& region, const RegionLoad& load) {
+  // The groups start at a multiple of kVector columns: whole groups lie in the plane or out of it.
+  const int64_t aligned_col0 =
+      region.col0 >= 0 ? region.col0 / kVector * kVector : -((kVector - 1 - region.col0) / kVector * kVector);
+  const int shift = static_cast<int>(region.col0 - aligned_col0);
+  const scalar_t* origin = plane + region.row0 * width + aligned_col0;
+  const int stride = static_cast<int>(width);
+  const Inside in_plane(Region{region.row0, aligned_col0, region.rows, region.columns + shift}, height, width);
+  const auto lane = load.lanes.divmod(threadIdx.x);
+  if (static_cast<int>(lane.div) >= load.rows_per_step) {
+    return;
+  }
+  for (int c = static_cast<int>(lane.mod) * kVector; c - shift < region.columns; c += load.lanes.divisor * kVector) {
+    const bool column_in_plane = c >= in_plane.first_column && c < in_plane.last_column;
+    for (int r0 = lane.div; r0 < region.rows; r0 += kLoadBatch * load.rows_per_step) {
+      Group<scalar_t, kVector> loaded[kLoadBatch];
+#pragma unroll
+      for (int j = 0; j < kLoadBatch; ++j) {
+        const int r = r0 + j * load.rows_per_step;
+        if (column_in_plane && r < in_plane.last_row && r >= in_plane.first_row) {
+          loaded[j] = *reinterpret_cast<const Group<scalar_t, kVector>*>(origin + r * stride + c);
+        } else {
+#pragma unroll
+          for (int e = 0; e < kVector; ++e) {
+            loaded[j].values[e] = scalar_t(0);
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kLoadBatch; ++j) {
+        const int r = r0 + j * load.rows_per_step;
+#pragma unroll
+        for (int e = 0; e < kVector; ++e) {
+          const int column = c + e - shift;
+          if (r < region.rows && column >= 0 && column < region.columns) {
+            array(r, column) = static_cast<T>(loaded[j].values[e]);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Copies `region` of a height x width plane into `array`, converted to its type, zero outside the
+// plane. Offsets inside the region are 32-bit: the host keeps rows * width below 2^31.
+template <typename T, typename scalar_t>
+__device__ inline void load_region(SharedArray<T> array, const scalar_t* __restrict__ plane, int64_t height,
+                                   int64_t width, const Region& region, const RegionLoad& load) {
+  constexpr int kVector = 16 / sizeof(scalar_t);
+  if (load.vector == kVector) {
+    load_groups<kVector>(array, plane, height, width, region, load);
+  } else {
+    load_groups<1>(array, plane, height, width, region, load);
+  }
+}
+
+// How one pass of window sums along the lines of a tile is shared by a block's threads: each
+// takes a stretch of `stretch` consecutive windows of one line. Set up for the largest tile of a
+// launch; smaller tiles at the plane's edges leave some units idle.
+struct LinePass {
+  Divider lines;
+  int stretch;
+  int units;
+
+  LinePass() = default;
+  LinePass(int lines, int length, int threads) : lines(lines) {
+    const int threads_per_line = std::max(1, threads / lines);
+    stretch = (length + threads_per_line - 1) / threads_per_line;
+    units = lines * ((length + stretch - 1) / stretch);
+  }
+};
+
+// Slides a window of `window` terms along lines of `in` (its rows, or `down_columns` its
+// columns): for each of the first `lines` lines and each position i < length, emit(line, i, sum)
+// gets the sum of value(term) over terms i .. i + window - 1 of the line. A running sum takes two
+// terms per window whatever its size, and as it restarts at every stretch its float32 rounding
+// errors stay those of a few dozen terms. A NaN or infinity would run along the rest of a
+// stretch, though: the pass then returns false, and the caller takes it again `direct`, summing
+// every window afresh so that such values stay inside their own windows.
+template <typename In, typename Value, typename Emit>
+__device__ inline bool slide_windows(const LinePass& pass, SharedArray<In> in, bool down_columns, int lines,
+                                     int length, int window, bool direct, Value value, Emit emit) {
+  const int line_step = down_columns ? 1 : in.pitch;
+  const int step = down_columns ? in.pitch : 1;
+  bool finite = true;
+  for (unsigned int unit = threadIdx.x; unit < static_cast<unsigned int>(pass.units); unit += blockDim.x) {
+    const auto at = pass.lines.divmod(unit);
+    const int line = at.mod;
+    const int begin = at.div * pass.stretch;
+    const int end = min(length, begin + pass.stretch);
+    if (line >= lines || begin >= end) {
+      continue;
+    }
+    const In* leaving = in.data + line * line_step + begin * step;
+    const In* entering = leaving + (window - 1) * step;
+    using Sum = decltype(value(*leaving));
+    if (direct) {
+      for (int i = begin; i < end; ++i, leaving += step, entering += step) {
+        Sum sum = 0;
+        for (const In* term = leaving; term <= entering; term += step) {
+          sum += value(*term);
+        }
+        emit(line, i, sum);
+      }
+    } else {
+      Sum sum = 0;
+      for (const In* term = leaving; term < entering; term += step) {
+        sum += value(*term);
+      }
+#pragma unroll 2
+      for (int i = begin; i < end; ++i, leaving += step, entering += step) {
+        sum += value(*entering);
+        emit(line, i, sum);
+        sum -= value(*leaving);
+      }
+      finite &= isfinite(sum);
+    }
+  }
+  return finite;
+}
+
+}  // namespace spatialnorm::cuda
