@@ -6,7 +6,8 @@ Times, in one process, forward and forward+backward of
   - compiled:  that composite under torch.compile
 over kernel sizes and shapes, and reports medians with their spread, the ratios, the bytes each
 implementation saves for backward (saved_tensors_hooks) and, where the device's allocator keeps
-statistics, the peak extra memory of forward+backward. Prints a Markdown table and writes a CSV
+statistics, the peak extra memory of forward+backward, and what share of a copy's memory
+bandwidth ours reaches (a copy of the input timed the same way). Prints a Markdown table and writes a CSV
 and a PNG plot (time against kernel size) to --out.
 
     python benchmarks/bench.py --device cpu --shapes typical
@@ -117,6 +118,10 @@ def run(args):
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=generator).to(device, dtype)
         dy = torch.randn(shape, generator=generator).to(device, dtype)
+        # The memory-bound floor: a copy reads and writes the input once, as the forward does; the
+        # backward moves 3 tensors more (reads X and dY, writes dX).
+        with torch.no_grad():
+            copy_ms = measure(lambda: x.clone(), device, args.budget)[0]
         for k in args.kernels:
             for name, fn in impls.items():
                 forward = lambda t, fn=fn: fn(t, k, k, **SETTINGS)  # noqa: E731
@@ -134,7 +139,7 @@ def run(args):
                         forward_ms=fwd[0], forward_min_ms=fwd[1], forward_max_ms=fwd[2],
                         fwd_bwd_ms=both[0], fwd_bwd_min_ms=both[1], fwd_bwd_max_ms=both[2], runs=fwd[3],
                         saved_bytes=saved_bytes(forward, x), input_bytes=x.numel() * x.element_size(),
-                        peak_extra_bytes=peak_extra_bytes(step, device),
+                        peak_extra_bytes=peak_extra_bytes(step, device), copy_ms=copy_ms,
                     )
                 )
                 print(f"  {rows[-1]['shape']} k={k} {name}: fwd {fwd[0]:.3f} ms, fwd+bwd {both[0]:.3f} ms", flush=True)
@@ -150,8 +155,8 @@ def environment(device):
 
 def markdown(rows, has_compiled):
     lines = [
-        "| shape | k | ours fwd ms (min-max) | eager fwd | compiled fwd | ours fwd+bwd ms (min-max) | eager fwd+bwd | compiled fwd+bwd | fwd speed-up eager / compiled | fwd+bwd speed-up eager / compiled | saved for backward (× input) ours / eager / compiled | peak extra MiB ours / eager / compiled |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | k | ours fwd ms (min-max) | eager fwd | compiled fwd | ours fwd+bwd ms (min-max) | eager fwd+bwd | compiled fwd+bwd | fwd speed-up eager / compiled | fwd+bwd speed-up eager / compiled | saved for backward (× input) ours / eager / compiled | peak extra MiB ours / eager / compiled | ours' bandwidth, share of a copy's: fwd / fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_key = {(r["shape"], r["kernel"], r["impl"]): r for r in rows}
     for shape, k in dict.fromkeys((r["shape"], r["kernel"]) for r in rows):
@@ -162,11 +167,12 @@ def markdown(rows, has_compiled):
         ratio = lambda key: " / ".join(f"{o[key] / ours[key]:.1f}×" for o in others)  # noqa: E731
         saved = " / ".join(f"{r['saved_bytes'] / r['input_bytes']:.2f}" for r in [ours] + others)
         peak = " / ".join("-" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.0f}" for r in [ours] + others)
+        bandwidth = f"{ours['copy_ms'] / ours['forward_ms']:.0%} / {2.5 * ours['copy_ms'] / ours['fwd_bwd_ms']:.0%}"
         lines.append(
             f"| {shape} | {k} | {ours['forward_ms']:.3f} ({ours['forward_min_ms']:.3f}-{ours['forward_max_ms']:.3f}) | "
             f"{eager['forward_ms']:.3f} | {dash(compiled, 'forward_ms')} | "
             f"{ours['fwd_bwd_ms']:.3f} ({ours['fwd_bwd_min_ms']:.3f}-{ours['fwd_bwd_max_ms']:.3f}) | "
-            f"{eager['fwd_bwd_ms']:.3f} | {dash(compiled, 'fwd_bwd_ms')} | {ratio('forward_ms')} | {ratio('fwd_bwd_ms')} | {saved} | {peak} |"
+            f"{eager['fwd_bwd_ms']:.3f} | {dash(compiled, 'fwd_bwd_ms')} | {ratio('forward_ms')} | {ratio('fwd_bwd_ms')} | {saved} | {peak} | {bandwidth} |"
         )
     return "\n".join(lines)
 
