@@ -142,6 +142,7 @@ TileGrid tile_grid(const PlaneShape& shape, int max_rows, int max_columns) {
 template <typename scalar_t>
 struct ForwardArrays {
   using opmath_t = at::opmath_type<scalar_t>;
+  static constexpr int kTileRows = 32;  // at most
   SharedArray<scalar_t> x;
   SharedArray<opmath_t> row_sums;
 
@@ -200,6 +201,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <typename scalar_t>
 struct BackwardArrays {
   using opmath_t = at::opmath_type<scalar_t>;
+  static constexpr int kTileRows = 24;  // at most: four blocks of a 5 x 5 window's fit a multiprocessor
   SharedArray<scalar_t> x;        // the input region
   SharedArray<opmath_t> dy;       // dY over G's region, made dY * T^-beta where G is made
   SharedArray<opmath_t> row_sums;  // window sums along the rows: of X^2 over the input region, then of G
@@ -370,7 +372,7 @@ template <typename Arrays, typename Passes>
 std::optional<Launch<Passes>> plan(const PlaneShape& shape, Extents w, int vector) {
   constexpr size_t kReservedPerBlock = 1024;  // shared memory the system keeps for each block
   const SharedMemory& limits = shared_memory();
-  for (const auto& [rows, columns] : {std::pair{32, 128}, {32, 64}, {16, 64}, {16, 32}}) {
+  for (const auto& [rows, columns] : {std::pair{Arrays::kTileRows, 128}, {Arrays::kTileRows, 64}, {16, 64}, {16, 32}}) {
     const int64_t blocks = shape.planes * ((shape.height + rows - 1) / rows) * ((shape.width + columns - 1) / columns);
     const int64_t region_elements = (rows + 2 * int64_t{w.height()}) * (shape.width + 2 * w.width());
     if (blocks > std::numeric_limits<int>::max() || region_elements > std::numeric_limits<int>::max()) {
