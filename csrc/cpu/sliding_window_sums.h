@@ -21,23 +21,23 @@ namespace spatialnorm::cpu {
 
 class SlidingWindowSums {
  public:
-  // Windows reach rows.before rows up and rows.after down, likewise for columns. Parts of a
-  // window that fall outside the plane count as zero.
-  SlidingWindowSums(int64_t height, int64_t width, WindowExtent rows, WindowExtent cols)
-      : height_(height),
-        width_(width),
+  // Windows reach rows.before rows up and rows.after down, likewise for columns, over planes
+  // `width` wide. Parts of a window that fall outside the plane count as zero.
+  SlidingWindowSums(int64_t width, WindowExtent rows, WindowExtent cols)
+      : width_(width),
+        rows_(rows),
         // Reaching further than the plane changes nothing, and clipping bounds the buffers.
-        rows_{std::min(rows.before, height - 1), std::min(rows.after, height - 1)},
         cols_{std::min(cols.before, width - 1), std::min(cols.after, width - 1)},
         // Zeros on both sides of the column sums let the running sum step in and out of the
         // plane without branches.
         column_sums_(static_cast<size_t>(cols_.before + 1 + width + cols_.after)),
         row_sums_(static_cast<size_t>(width)) {}
 
-  // Calls emit(row, sums) for each row in [row_begin, row_end), where sums[x] is the sum of
-  // value(plane[r * width + x']) over the window around (row, x).
+  // Calls emit(row, sums) for each row in [row_begin, row_end) of a plane `height` rows tall,
+  // where sums[x] is the sum of value(plane[r * width + x']) over the window around (row, x).
   template <typename T, typename Value, typename Emit>
-  void run(const T* plane, int64_t row_begin, int64_t row_end, Value value, Emit emit) {
+  void run(const T* plane, int64_t height, int64_t row_begin, int64_t row_end, Value value, Emit emit) {
+    height_ = height;
     if (!run_sliding(plane, row_begin, row_end, value, emit)) {
       run_direct(plane, row_begin, row_end, value, emit);
     }
@@ -159,7 +159,7 @@ class SlidingWindowSums {
     }
   }
 
-  int64_t height_;
+  int64_t height_ = 0;  // of the plane being run
   int64_t width_;
   WindowExtent rows_;
   WindowExtent cols_;

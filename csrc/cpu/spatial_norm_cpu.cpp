@@ -120,15 +120,14 @@ SPATIALNORM_VECTORIZED void forward_bands(const scalar_t* input, scalar_t* outpu
   using opmath_t = at::opmath_type<scalar_t>;
   const Coefficients<opmath_t> k(settings);
   const int64_t width = shape.width;
-  SlidingWindowSums window(shape.height, width, forward_extent(settings.kernel_height),
-                           forward_extent(settings.kernel_width));
+  SlidingWindowSums window(width, forward_extent(settings.kernel_height), forward_extent(settings.kernel_width));
   const Power<opmath_t> power(k.neg_beta);
   std::vector<opmath_t> denominators;
   for (int64_t i = begin; i < end; ++i) {
     const Band band = bands[i];
     const int64_t offset = band.plane * shape.height * width + band.row_begin * width;
     denominators.resize(static_cast<size_t>((band.row_end - band.row_begin) * width));
-    window.run(input + band.plane * shape.height * width, band.row_begin, band.row_end, Squared{},
+    window.run(input + band.plane * shape.height * width, shape.height, band.row_begin, band.row_end, Squared{},
                [&](int64_t row, const double* sums) {
                  k.denominators(sums, denominators.data() + (row - band.row_begin) * width, width);
                });
@@ -157,7 +156,8 @@ SPATIALNORM_VECTORIZED void backward_bands(const scalar_t* grad_output, const sc
   const int64_t width = shape.width;
   const WindowExtent rows = forward_extent(settings.kernel_height);
   const WindowExtent cols = forward_extent(settings.kernel_width);
-  SlidingWindowSums window(shape.height, width, rows, cols);
+  SlidingWindowSums window(width, rows, cols);
+  SlidingWindowSums mirrored_window(width, mirrored(rows), mirrored(cols));
   const Power<opmath_t> power(k.neg_beta);
   std::vector<opmath_t> denominators;  // then G
   std::vector<opmath_t> powers;
@@ -173,7 +173,7 @@ SPATIALNORM_VECTORIZED void backward_bands(const scalar_t* grad_output, const sc
     const scalar_t* dy_plane = grad_output + offset;
     scalar_t* dx_plane = grad_input + offset;
 
-    window.run(x_plane, g_begin, g_end, Squared{}, [&](int64_t row, const double* sums) {
+    window.run(x_plane, shape.height, g_begin, g_end, Squared{}, [&](int64_t row, const double* sums) {
       k.denominators(sums, denominators.data() + (row - g_begin) * width, width);
     });
     // One loop over all rows, as in the forward pass; G replaces T in place.
@@ -190,8 +190,7 @@ SPATIALNORM_VECTORIZED void backward_bands(const scalar_t* grad_output, const sc
     }
     const opmath_t* g_rows = denominators.data();
 
-    SlidingWindowSums mirrored_window(g_end - g_begin, width, mirrored(rows), mirrored(cols));
-    mirrored_window.run(g_rows, band.row_begin - g_begin, band.row_end - g_begin, AsIs{},
+    mirrored_window.run(g_rows, g_end - g_begin, band.row_begin - g_begin, band.row_end - g_begin, AsIs{},
                         [&](int64_t local_row, const double* sums) {
                           const int64_t row = local_row + g_begin;
                           const scalar_t* __restrict x = x_plane + row * width;
