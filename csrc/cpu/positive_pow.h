@@ -9,6 +9,7 @@
 // vector blends.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -30,13 +31,13 @@ inline int32_t float_to_bits(float value) {
 
 // Natural logarithm of a positive, finite, normal float.
 inline float positive_log(float t) {
+  // t = (1 + m) * 2^e with 1 + m in [sqrt(1/2), sqrt(2)), where the polynomial wants its argument:
+  // subtracting the bits of sqrt(1/2) before the shift moves the exponent's boundary there, so no
+  // compare and select is needed.
   const int32_t bits = float_to_bits(t);
-  float exponent = static_cast<float>(((bits >> 23) & 0xff) - 126);
-  float m = bits_to_float((bits & 0x007fffff) | 0x3f000000);  // t = m * 2^exponent, m in [0.5, 1)
-  // Move m to [sqrt(1/2), sqrt(2)) - 1 so the polynomial sees a small argument.
-  const bool small = m < 0.707106781186547524f;
-  exponent = small ? exponent - 1.0f : exponent;
-  m = small ? m + m - 1.0f : m - 1.0f;
+  const int32_t e = (bits - 0x3f3504f3) >> 23;
+  const float m = bits_to_float(bits - (e << 23)) - 1.0f;
+  const float exponent = static_cast<float>(e);
   const float z = m * m;
   float y = 7.0376836292e-2f;
   y = y * m - 1.1514610310e-1f;
@@ -55,9 +56,9 @@ inline float positive_log(float t) {
 
 // e^w; underflows to zero and overflows to infinity like std::exp.
 inline float exponential(float w) {
-  // Beyond these bounds the result is 0 or infinity anyway. (Comparisons, not fmin/fmax: those
-  // are library calls that stop the loop from vectorizing.)
-  w = w < -104.0f ? -104.0f : (w > 89.0f ? 89.0f : w);
+  // Beyond these bounds the result is 0 or infinity anyway. (std::min/max, which keep a NaN and
+  // become single instructions; fmin/fmax are library calls that stop the loop from vectorizing.)
+  w = std::min(std::max(w, -104.0f), 89.0f);
   const float n = std::floor(w * 1.44269504088896341f + 0.5f);
   const float r = w - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
