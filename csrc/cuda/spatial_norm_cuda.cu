@@ -29,7 +29,6 @@
 namespace spatialnorm::cuda {
 namespace {
 
-
 // Threads per block: 256, or kMaxThreads where shared memory admits fewer than three blocks per
 // multiprocessor (keeping 24 warps or more in flight to hide the loads' latency).
 constexpr int kThreads = 256;
