@@ -215,4 +215,18 @@ __device__ inline bool slide_windows(const LinePass& pass, SharedArray<In> in, b
   return finite;
 }
 
+// The pass along the rows of a block's tile, every thread of the block taking part: running sums,
+// taken again directly wherever in the block a NaN or infinity turned up. Returns whether they
+// were, so that the pass down the columns that follows sums directly too.
+template <typename In, typename Value, typename Emit>
+__device__ inline bool sum_along_rows(const LinePass& pass, SharedArray<In> in, int lines, int length, int window,
+                                      Value value, Emit emit) {
+  const bool direct = __syncthreads_or(!slide_windows(pass, in, false, lines, length, window, false, value, emit));
+  if (direct) {
+    slide_windows(pass, in, false, lines, length, window, true, value, emit);
+    __syncthreads();
+  }
+  return direct;
+}
+
 }  // namespace spatialnorm::cuda

@@ -177,15 +177,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   load_region(a.x, input + offset, grid.height, grid.width, region, passes.x);
   __syncthreads();
 
-  auto sum_rows = [&](bool direct) {
-    return slide_windows(passes.rows, a.x, false, region.rows, tile.columns, w.width(), direct, Square<scalar_t>(),
-                         [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
-  };
-  const bool direct = __syncthreads_or(!sum_rows(false));
-  if (direct) {
-    sum_rows(true);
-    __syncthreads();
-  }
+  const bool direct = sum_along_rows(passes.rows, a.x, region.rows, tile.columns, w.width(), Square<scalar_t>(),
+                                     [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
   scalar_t* y = output + offset + tile.row0 * grid.width + tile.col0;
   const int stride = static_cast<int>(grid.width);
   slide_windows(passes.columns, a.row_sums, true, tile.columns, tile.rows, w.height(), direct, Identity(),
@@ -252,15 +245,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   load_region(a.dy, grad_output + offset, grid.height, grid.width, g_region, passes.dy);
   __syncthreads();
 
-  auto sum_square_rows = [&](bool direct) {
-    return slide_windows(passes.x_rows, a.x, false, x_region.rows, g_region.columns, w.width(), direct,
-                         Square<scalar_t>(), [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
-  };
-  bool direct = __syncthreads_or(!sum_square_rows(false));
-  if (direct) {
-    sum_square_rows(true);
-    __syncthreads();
-  }
+  bool direct = sum_along_rows(passes.x_rows, a.x, x_region.rows, g_region.columns, w.width(), Square<scalar_t>(),
+                               [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
   slide_windows(passes.t_columns, a.row_sums, true, g_region.columns, g_region.rows, w.height(), direct, Identity(),
                 [&](int c, int r, opmath_t sum) {
                   const auto powers = negative_powers(k.delta + k.scale * sum, k.neg_beta);
@@ -272,15 +258,8 @@ __global__ void __launch_bounds__(kMaxThreads)
                 });
   __syncthreads();
 
-  auto sum_g_rows = [&](bool direct) {
-    return slide_windows(passes.g_rows, a.g, false, g_region.rows, tile.columns, w.width(), direct, Identity(),
-                         [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
-  };
-  direct = __syncthreads_or(!sum_g_rows(false));
-  if (direct) {
-    sum_g_rows(true);
-    __syncthreads();
-  }
+  direct = sum_along_rows(passes.g_rows, a.g, g_region.rows, tile.columns, w.width(), Identity(),
+                          [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
   scalar_t* dx = grad_input + offset + tile.row0 * grid.width + tile.col0;
   const int stride = static_cast<int>(grid.width);
   slide_windows(passes.tile_columns, a.row_sums, true, tile.columns, tile.rows, w.height(), direct, Identity(),
