@@ -56,6 +56,12 @@ def test_nan_and_inf_stay_in_their_windows():
     y = sn.spatial_normalization(x.cuda(), 3, alpha=1.0, beta=0.75).cpu()
     expected = expected_forward(x, 3, 3, 1.0, 0.75, 1.0)
     assert torch.equal(torch.isnan(y), torch.isnan(expected))
+    dy = torch.randn_like(x)
+    dx = sn.spatial_normalization_gradient(dy.cuda(), x.cuda(), 3, alpha=1.0, beta=0.75).cpu()
+    expected = expected_gradient(dy, x, 3, 3, 1.0, 0.75, 1.0)
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(dx), finite) and not finite.all()
+    assert relative_error(dx[finite], expected[finite]) < 1e-10
 
 
 def test_layouts(generator):

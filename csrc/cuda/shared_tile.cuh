@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 namespace spatialnorm::cuda {
 
@@ -137,6 +138,59 @@ __device__ inline void load_groups(SharedArray<T> array, const scalar_t* __restr
   }
 }
 
+// Whether copy_region_async can copy a plane's values into shared memory as they are: cp.async
+// moves 4, 8 or 16 bytes, so 16-bit values go through registers (and get converted).
+template <typename T, typename scalar_t>
+constexpr bool kCopiesAsync = std::is_same_v<T, scalar_t> && sizeof(T) >= 4;
+
+// Starts copying *source to *destination; the copy lands by the next wait_for_copies.
+template <typename T>
+__device__ inline void copy_async(T* destination, const T* source) {
+#if __CUDA_ARCH__ >= 800
+  const auto address = static_cast<unsigned int>(__cvta_generic_to_shared(destination));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(address), "l"(source), "n"(sizeof(T)));
+#else
+  *destination = *source;
+#endif
+}
+
+__device__ inline void wait_for_copies() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::);
+#endif
+}
+
+// Each thread keeps to one column and issues the copies of all its rows before any arrives, so
+// that its loads wait on memory once, not once per batch. Elements outside the plane are set to
+// zero directly.
+template <typename T>
+__device__ inline void copy_region(SharedArray<T> array, const T* __restrict__ plane, int64_t height, int64_t width,
+                                   const Region& region, const RegionLoad& load) {
+  const Inside in_plane(region, height, width);
+  const auto lane = load.lanes.divmod(threadIdx.x);
+  const int step = load.rows_per_step;
+  if (static_cast<int>(lane.div) >= step) {
+    return;
+  }
+  for (int c = static_cast<int>(lane.mod); c < region.columns; c += load.lanes.divisor) {
+    const bool column_in_plane = c >= in_plane.first_column && c < in_plane.last_column;
+    const int first_row = column_in_plane ? in_plane.first_row : region.rows;
+    int r = lane.div;
+    for (; r < first_row; r += step) {
+      array(r, c) = T(0);
+    }
+    const int last_row = column_in_plane ? in_plane.last_row : region.rows;
+    const T* source = plane + (region.row0 + r) * width + region.col0 + c;
+#pragma unroll 4
+    for (; r < last_row; r += step, source += step * width) {
+      copy_async(&array(r, c), source);
+    }
+    for (; r < region.rows; r += step) {
+      array(r, c) = T(0);
+    }
+  }
+}
+
 // Copies `region` of a height x width plane into `array`, converted to its type, zero outside the
 // plane. Offsets inside the region are 32-bit: the host keeps rows * width below 2^31.
 template <typename T, typename scalar_t>
@@ -147,6 +201,20 @@ __device__ inline void load_region(SharedArray<T> array, const scalar_t* __restr
     load_groups<kVector>(array, plane, height, width, region, load);
   } else {
     load_groups<1>(array, plane, height, width, region, load);
+  }
+}
+
+// load_region, asynchronously where the values need no conversion: then the block sees them
+// after wait_for_copies and a barrier. Loads that keep few warps per multiprocessor busy wait on
+// memory once this way, not once per batch; with a load of one element per copy, though, it
+// takes more instructions than 16-byte loads through registers.
+template <typename T, typename scalar_t>
+__device__ inline void copy_region_async(SharedArray<T> array, const scalar_t* __restrict__ plane, int64_t height,
+                                         int64_t width, const Region& region, const RegionLoad& load) {
+  if constexpr (kCopiesAsync<T, scalar_t>) {
+    copy_region(array, plane, height, width, region, load);
+  } else {
+    load_region(array, plane, height, width, region, load);
   }
 }
 

@@ -50,22 +50,41 @@ struct Extents {
   __host__ __device__ int height() const { return top + bottom + 1; }
 };
 
-// T^-beta and T^(-beta-1). In float32 as exp2(-beta * log2(T)) with the hardware's approximate
-// log2 (absolute error about 2^-22): the result is off by at most beta * 2^-22 * ln 2 relative
-// (1e-6 for beta = 5), where powf's extra-precise algorithm, or even log2f's, would cost more than
-// the whole rest of a kernel; T^(-beta-1) is T^-beta / T (an approximate division, 2 ulp).
-// float64 uses pow.
+// T^-beta and T^(-beta-1). In float32 as 2^(-beta * log2(T)) with the hardware's approximate
+// log2 and 2^x (absolute error about 2^-22 in the logarithm): the result is off by at most
+// beta * 2^-22 * ln 2 relative (1e-6 for beta = 5), where powf's extra-precise algorithm would
+// cost more than the whole rest of a kernel; T^(-beta-1) is T^-beta times an approximate 1/T.
+// They flush subnormals to zero (one instruction each instead of four): a T below 2^-126 counts
+// as 0 (T^-beta = inf, as for T = 0), and powers below 2^-126 become 0. float64 uses pow.
 struct Powers {
   float power;         // T^-beta
   float power_over_t;  // T^(-beta-1)
 };
 
+__device__ inline float approximate_log2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ inline float approximate_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ inline float approximate_reciprocal(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ inline Powers negative_powers(float t, float neg_beta) {
   if (neg_beta == 0.0f) {
     return {1.0f, 1.0f / t};  // pow(x, 0) == 1 even for infinite or NaN x
   }
-  const float power = exp2f(neg_beta * __log2f(t));
-  return {power, __fdividef(power, t)};
+  const float power = approximate_exp2(neg_beta * approximate_log2(t));
+  return {power, power * approximate_reciprocal(t)};
 }
 
 struct DoublePowers {
@@ -241,8 +260,9 @@ __global__ void __launch_bounds__(kMaxThreads)
                         tile.columns + w.width() - 1};
   const Region x_region{g_region.row0 - w.top, g_region.col0 - w.left, g_region.rows + w.height() - 1,
                         g_region.columns + w.width() - 1};
-  load_region(a.x, input + offset, grid.height, grid.width, x_region, passes.x);
-  load_region(a.dy, grad_output + offset, grid.height, grid.width, g_region, passes.dy);
+  copy_region_async(a.x, input + offset, grid.height, grid.width, x_region, passes.x);
+  copy_region_async(a.dy, grad_output + offset, grid.height, grid.width, g_region, passes.dy);
+  wait_for_copies();
   __syncthreads();
 
   bool direct = sum_along_rows(passes.x_rows, a.x, x_region.rows, g_region.columns, w.width(), Square<scalar_t>(),
@@ -368,9 +388,14 @@ std::optional<Launch<Passes>> plan(const PlaneShape& shape, Extents w, int vecto
   return std::nullopt;
 }
 
-// Elements a 16-byte load reads where every row of every plane starts 16-byte aligned, else 1.
-int vector_width(const PlaneShape& shape, std::initializer_list<const at::Tensor*> tensors) {
-  const int64_t vector = 16 / static_cast<int64_t>(tensors.begin()[0]->element_size());
+// Elements a thread loads at once: one per asynchronous copy (where `async` and the values are
+// 32- or 64-bit), else a 16-byte group where every row of every plane starts 16-byte aligned.
+template <typename scalar_t>
+int vector_width(bool async, const PlaneShape& shape, std::initializer_list<const at::Tensor*> tensors) {
+  constexpr int64_t vector = 16 / sizeof(scalar_t);
+  if (async && kCopiesAsync<scalar_t, scalar_t>) {
+    return 1;
+  }
   bool aligned = shape.width % vector == 0;
   for (const at::Tensor* t : tensors) {
     aligned &= reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 == 0;
@@ -399,7 +424,7 @@ at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel
   }
   const at::Tensor x = input.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_forward_cuda", [&] {
-    const auto launch = plan<ForwardArrays<scalar_t>, ForwardPasses>(shape, extents(settings), vector_width(shape, {&x}));
+    const auto launch = plan<ForwardArrays<scalar_t>, ForwardPasses>(shape, extents(settings), vector_width<scalar_t>(false, shape, {&x}));
     if (!launch) {
       output.contiguous().copy_(composite_forward(x, settings));
       return;
@@ -424,7 +449,7 @@ at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& input, int6
   const at::Tensor x = input.contiguous();
   const at::Tensor dy = grad_output.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_backward_cuda", [&] {
-    const auto launch = plan<BackwardArrays<scalar_t>, BackwardPasses>(shape, extents(settings), vector_width(shape, {&x, &dy}));
+    const auto launch = plan<BackwardArrays<scalar_t>, BackwardPasses>(shape, extents(settings), vector_width<scalar_t>(true, shape, {&x, &dy}));
     if (!launch) {
       grad_input.contiguous().copy_(composite_backward(dy, x, settings));
       return;
