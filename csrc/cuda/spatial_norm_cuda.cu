@@ -48,7 +48,14 @@ struct Extents {
 
   __host__ __device__ int width() const { return left + right + 1; }
   __host__ __device__ int height() const { return top + bottom + 1; }
+  __device__ Extents mirrored() const { return {right, left, bottom, top}; }  // M, W turned about its centre
 };
+
+// The region the windows of `window` over every position of `positions` reach.
+__device__ inline Region reach(const Region& positions, Extents window) {
+  return {positions.row0 - window.top, positions.col0 - window.left, positions.rows + window.height() - 1,
+          positions.columns + window.width() - 1};
+}
 
 // T^-beta and T^(-beta-1). In float32 as 2^(-beta * log2(T)) with the hardware's approximate
 // log2 and 2^x (absolute error about 2^-22 in the logarithm): the result is off by at most
@@ -119,6 +126,8 @@ struct Tile {
   int64_t col0;
   int rows;
   int columns;
+
+  __device__ Region region() const { return {row0, col0, rows, columns}; }
 };
 
 // How the planes are cut into tiles of at most tile_rows x tile_columns, one block each. Blocks
@@ -190,8 +199,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   const ForwardArrays<scalar_t> a(layout, grid.tile_rows, grid.tile_columns, w);
   const Tile tile = grid.locate();
   const int64_t offset = tile.plane * grid.height * grid.width;
-  const Region region{tile.row0 - w.top, tile.col0 - w.left, tile.rows + w.height() - 1,
-                      tile.columns + w.width() - 1};
+  const Region region = reach(tile.region(), w);
   load_region(a.x, input + offset, grid.height, grid.width, region, passes.x);
   __syncthreads();
 
@@ -253,11 +261,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   const BackwardArrays<scalar_t> a(layout, grid.tile_rows, grid.tile_columns, w);
   const Tile tile = grid.locate();
   const int64_t offset = tile.plane * grid.height * grid.width;
-  // M reaches w.bottom rows up and w.right columns left; W then w.top rows and w.left columns more.
-  const Region g_region{tile.row0 - w.bottom, tile.col0 - w.right, tile.rows + w.height() - 1,
-                        tile.columns + w.width() - 1};
-  const Region x_region{g_region.row0 - w.top, g_region.col0 - w.left, g_region.rows + w.height() - 1,
-                        g_region.columns + w.width() - 1};
+  const Region g_region = reach(tile.region(), w.mirrored());
+  const Region x_region = reach(g_region, w);
   copy_region_async(a.x, input + offset, grid.height, grid.width, x_region, passes.x);
   copy_region_async(a.dy, grad_output + offset, grid.height, grid.width, g_region, passes.dy);
   wait_for_copies();
