@@ -9,9 +9,14 @@
 namespace spatialnorm {
 namespace {
 
+void check_kernel_size(const char* name, int64_t size) {
+  TORCH_CHECK_VALUE(size >= 1 && size <= kMaxKernelSize, name, " must be an integer in [1, ", kMaxKernelSize, "], got ",
+                    size);
+}
+
 void check_settings(const Settings& s) {
-  TORCH_CHECK_VALUE(s.kernel_width >= 1, "kernel_width must be an integer >= 1, got ", s.kernel_width);
-  TORCH_CHECK_VALUE(s.kernel_height >= 1, "kernel_height must be an integer >= 1, got ", s.kernel_height);
+  check_kernel_size("kernel_width", s.kernel_width);
+  check_kernel_size("kernel_height", s.kernel_height);
   TORCH_CHECK_VALUE(std::isfinite(s.alpha) && s.alpha >= 0, "alpha must be finite and >= 0, got ", s.alpha);
   TORCH_CHECK_VALUE(std::isfinite(s.beta), "beta must be finite, got ", s.beta);
   TORCH_CHECK_VALUE(std::isfinite(s.delta), "delta must be finite, got ", s.delta);
@@ -20,8 +25,9 @@ void check_settings(const Settings& s) {
 void check_image(const at::Tensor& tensor, const char* name) {
   TORCH_CHECK_VALUE(tensor.dim() == 3 || tensor.dim() == 4, name,
                     " must be a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, got a ", tensor.dim(), "-D tensor");
-  TORCH_CHECK_TYPE(at::isFloatingType(tensor.scalar_type()), name,
-                   " must have a floating-point dtype, got ", tensor.scalar_type());
+  const auto dtype = tensor.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, name,
+                   " must have dtype float32, float64, float16 or bfloat16, got ", dtype);
 }
 
 void check_same_layout(const at::Tensor& grad_output, const at::Tensor& input) {

@@ -14,7 +14,7 @@ struct WindowExtent {
   int64_t after;
 };
 
-// The forward window W: [p - k//2, p + (k-1)//2] (SPEC.md §1).
+// The forward window W: [p - k//2, p + (k-1)//2] (docs/definition.md).
 inline WindowExtent forward_extent(int64_t kernel_size) {
   return {kernel_size / 2, (kernel_size - 1) / 2};
 }
@@ -24,6 +24,10 @@ inline WindowExtent mirrored(WindowExtent extent) {
   return {extent.after, extent.before};
 }
 
+// The largest kernel size: windows are indexed with 32-bit integers, and the product of two sizes
+// fits in 64 bits (torch_spatialnorm/_validation.py has the same bound).
+constexpr int64_t kMaxKernelSize = (int64_t{1} << 31) - 1;
+
 // Settings of one call, as the schema passes them.
 struct Settings {
   int64_t kernel_width;
@@ -32,7 +36,8 @@ struct Settings {
   double beta;
   double delta;
 
-  int64_t window_size() const { return kernel_width * kernel_height; }
+  // kw * kh, the divisor of every window sum (whatever part of the window lies in the image).
+  double window_size() const { return static_cast<double>(kernel_width) * static_cast<double>(kernel_height); }
 };
 
 // The arguments of each op, checked: a c10::Error names the offending one, and nothing has been

@@ -76,10 +76,12 @@ def _backward_setup_context(ctx, inputs, output):
 
 def _backward_backward(ctx, v):
     dy, x = ctx.saved_tensors
+    if x.numel() == 0:  # the window sums of an empty image are empty, but pooling refuses one
+        return torch.zeros_like(dy), torch.zeros_like(x), None, None, None, None, None
     kernel_width, kernel_height, alpha, beta, delta = ctx.settings
     a = alpha / (kernel_width * kernel_height)
     c = 2.0 * alpha * beta / (kernel_width * kernel_height)
-    t = delta + a * reference.window_sum(x * x, kernel_width, kernel_height)
+    t = reference.denominator(x, kernel_width, kernel_height, alpha, delta)
     p = t.pow(-beta)
     q = p / t
     r = reference.window_sum(dy * x * q, kernel_width, kernel_height, mirrored=True)

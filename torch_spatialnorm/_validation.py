@@ -9,10 +9,17 @@ import numbers
 
 import torch
 
+# The largest kernel size: the kernels index a window's rows and columns with 32-bit integers, and
+# the product of two sizes must fit in 64 bits.
+MAX_KERNEL_SIZE = 2**31 - 1
+
+# The dtypes the kernels are built for (16-bit ones computed in float32).
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
 
 def check_kernel_size(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_KERNEL_SIZE:
+        raise ValueError(f"{name} must be an integer in [1, {MAX_KERNEL_SIZE}], got {value!r}")
     return int(value)
 
 
@@ -48,8 +55,8 @@ def check_image(tensor, name: str) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dim() not in (3, 4):
         raise ValueError(f"{name} must be a 3-D (C, H, W) or 4-D (N, C, H, W) tensor, got a {tensor.dim()}-D tensor")
-    if not tensor.dtype.is_floating_point:
-        raise TypeError(f"{name} must have a floating-point dtype, got {tensor.dtype}")
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have dtype float32, float64, float16 or bfloat16, got {tensor.dtype}")
 
 
 def check_same_layout(grad, image, grad_name: str = "grad_output", image_name: str = "input") -> None:

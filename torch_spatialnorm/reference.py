@@ -1,4 +1,4 @@
-"""Pure-PyTorch spatial normalization, written straight from SPEC.md §1.
+"""Pure-PyTorch spatial normalization, written straight from the definition (docs/definition.md).
 
 It is the ground truth of the tests (run it in float64), and the implementation used on devices
 that have no kernel of this package. Both functions are differentiable to any order.
@@ -14,22 +14,26 @@ def window_sum(x: torch.Tensor, kernel_width: int, kernel_height: int, mirrored:
     The window W reaches ``k // 2`` before the pixel and ``(k - 1) // 2`` after it; the gradient's
     window M (``mirrored=True``) is its mirror image.
     """
-    left, right = kernel_width // 2, (kernel_width - 1) // 2
-    top, bottom = kernel_height // 2, (kernel_height - 1) // 2
+    height, width = x.shape[-2:]
+    # A window reaching past the image on a side sums what it would sum reaching just to its edge.
+    left, right = min(kernel_width // 2, width - 1), min((kernel_width - 1) // 2, width - 1)
+    top, bottom = min(kernel_height // 2, height - 1), min((kernel_height - 1) // 2, height - 1)
     if mirrored:
         left, right, top, bottom = right, left, bottom, top
     padded = F.pad(x, (left, right, top, bottom))
-    return F.avg_pool2d(padded, (kernel_height, kernel_width), stride=1, divisor_override=1)
+    return F.avg_pool2d(padded, (top + bottom + 1, left + right + 1), stride=1, divisor_override=1)
 
 
-def _denominator(x, kernel_width, kernel_height, alpha, delta):
-    """T = delta + alpha / (kw * kh) * sum of x^2 over the window."""
-    return delta + alpha / (kernel_width * kernel_height) * window_sum(x * x, kernel_width, kernel_height)
+def denominator(x, kernel_width, kernel_height, alpha, delta):
+    """T = delta + alpha / (kw * kh) * sum of x^2 over the window; NaN where that is <= 0 (the
+    result is undefined there, and every implementation gives NaN)."""
+    t = delta + alpha / (kernel_width * kernel_height) * window_sum(x * x, kernel_width, kernel_height)
+    return torch.where(t > 0, t, torch.nan)
 
 
 def spatial_normalization(x, kernel_width, kernel_height=None, alpha=1.0, beta=5.0, delta=1.0):
     kernel_height = kernel_width if kernel_height is None else kernel_height
-    t = _denominator(x, kernel_width, kernel_height, alpha, delta)
+    t = denominator(x, kernel_width, kernel_height, alpha, delta)
     return x * t.pow(-beta)
 
 
@@ -39,7 +43,7 @@ def spatial_normalization_gradient(
     """dL/dX from dL/dY and X: the exact derivative of :func:`spatial_normalization`."""
     kernel_height = kernel_width if kernel_height is None else kernel_height
     dy, x = source_gradient, source_image
-    t = _denominator(x, kernel_width, kernel_height, alpha, delta)
+    t = denominator(x, kernel_width, kernel_height, alpha, delta)
     power = t.pow(-beta)
     neighbours = window_sum(dy * x * power / t, kernel_width, kernel_height, mirrored=True)
     return dy * power - (2.0 * alpha * beta / (kernel_width * kernel_height)) * x * neighbours

@@ -1,11 +1,13 @@
 // CPU kernels of spatialnorm::forward and spatialnorm::backward.
 //
 // Work is split into bands of rows of the (N*C) image planes, processed in parallel; each band
-// streams its window sums row by row (sliding_window_sums.h), so the cost per element does not
-// depend on the kernel size. 16-bit types compute in float32, window sums in float64.
+// streams its window sums row by row (window_sums.h), so the cost per element does not depend
+// on the kernel size. 16-bit types and float32 raise powers in float32 precision; window sums, T
+// and the products with T's powers are double (power.h), so nothing overflows or cancels where
+// the exact result is finite.
 #include "../spatial_norm.h"
-#include "positive_pow.h"
-#include "sliding_window_sums.h"
+#include "power.h"
+#include "window_sums.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -14,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <limits>
 #include <vector>
 
 // The inner loops are plain arithmetic that the compiler vectorizes; build them for AVX2+FMA
@@ -37,14 +40,18 @@ struct Band {
 
 // Splits the planes into bands of rows: whole planes when there are enough of them to keep
 // every thread busy, otherwise each plane in a few bands. A band re-reads the rows its first
-// windows reach, so bands stay several windows tall.
+// windows reach, so bands stay several windows tall; and a band holds a few doubles per element
+// while it runs, so large planes are cut into bands of at most about kElementsPerBand elements.
 class Bands {
  public:
   Bands(PlaneShape shape, int64_t kernel_height) : shape_(shape) {
     const int64_t threads = at::get_num_threads();
     const int64_t wanted = shape.planes >= threads ? 1 : (threads + shape.planes - 1) / shape.planes;
-    const int64_t tallest_useful = std::max<int64_t>(1, shape.height / std::max<int64_t>(4 * kernel_height, 16));
-    per_plane_ = std::min(wanted, tallest_useful);
+    const int64_t window_rows = std::min(kernel_height, shape.height);
+    const int64_t shortest = std::max<int64_t>(4 * window_rows, 16);
+    const int64_t tallest_useful = std::max<int64_t>(1, shape.height / shortest);
+    const int64_t rows_in_budget = std::max(shortest, kElementsPerBand / shape.width);
+    per_plane_ = std::max(std::min(wanted, tallest_useful), (shape.height + rows_in_budget - 1) / rows_in_budget);
   }
 
   int64_t count() const { return shape_.planes * per_plane_; }
@@ -56,6 +63,8 @@ class Bands {
   }
 
  private:
+  static constexpr int64_t kElementsPerBand = int64_t{1} << 18;
+
   PlaneShape shape_;
   int64_t per_plane_;
 };
@@ -74,27 +83,111 @@ void parallel_batches(int64_t count, const Fn& fn) {
   });
 }
 
-// The settings turned into the constants the loops use, in the compute type.
+// The per-element arithmetic of both kernels for one compute type, over spans of elements.
+// T = delta + alpha / (kw * kh) * (window sum of X^2), then
+//   forward:  Y = X * T^-beta
+//   gradient: dY * T^-beta (the first term of dX), and G = dY * X * T^(-beta-1) for the window
+//             sums of the second, dX = dY * T^-beta - gradient_scale * X * (mirrored sum of G).
+// Each is exact where the exact value is finite (power.h).
 template <typename opmath_t>
-struct Coefficients {
-  explicit Coefficients(const Settings& s)
-      : delta(s.delta),
-        scale(s.alpha / static_cast<double>(s.window_size())),
-        neg_beta(-s.beta),
-        gradient_scale(2.0 * s.alpha * s.beta / static_cast<double>(s.window_size())) {}
+class Arithmetic;
 
-  // T = delta + alpha / (kw * kh) * (window sum of X^2), in a loop of its own: mixing double and
-  // float lanes in one loop keeps GCC from vectorizing it.
-  void denominators(const double* __restrict sums, opmath_t* __restrict t, int64_t width) const {
+// float32 precision powers, vectorized. A span is computed in float32 first; where any element's
+// T or power left float's normal range, the span is computed again with double-range powers.
+template <>
+class Arithmetic<float> {
+ public:
+  explicit Arithmetic(const Settings& s) : neg_beta_(static_cast<float>(-s.beta)), wide_power_(-s.beta) {}
+
+  template <typename scalar_t>
+  void forward(const scalar_t* __restrict x, const double* __restrict t, scalar_t* __restrict y, int64_t count) const {
+    int32_t fits = 1;
+    for (int64_t c = 0; c < count; ++c) {
+      const float tf = static_cast<float>(t[c]);
+      const float log_power = neg_beta_ * positive_log(tf);
+      fits &= in_range(tf, log_power);
+      y[c] = static_cast<scalar_t>(static_cast<float>(x[c]) * normal_exponential(log_power));
+    }
+    if (!fits) {
+      for (int64_t c = 0; c < count; ++c) {
+        y[c] = static_cast<scalar_t>(static_cast<double>(x[c]) * wide_power_(t[c]));
+      }
+    }
+  }
+
+  template <typename scalar_t>
+  void gradient_terms(const scalar_t* __restrict dy, const scalar_t* __restrict x, const double* __restrict t,
+                      double* __restrict first, double* __restrict g, int64_t count) const {
+    int32_t fits = 1;
+    for (int64_t c = 0; c < count; ++c) {
+      const float tf = static_cast<float>(t[c]);
+      const float log_t = positive_log(tf);
+      const float log_power = neg_beta_ * log_t;
+      fits &= in_range(tf, log_power) & in_range(tf, log_power - log_t);
+      const float power = normal_exponential(log_power);
+      const double dyd = static_cast<double>(dy[c]);
+      first[c] = dyd * static_cast<double>(power);
+      g[c] = dyd * static_cast<double>(x[c]) * static_cast<double>(power / tf);
+    }
+    if (!fits) {
+      for (int64_t c = 0; c < count; ++c) {
+        const double power = wide_power_(t[c]);
+        const double dyd = static_cast<double>(dy[c]);
+        first[c] = dyd * power;
+        // T^(-beta-1) kept finite, so that where dY * X is 0, G is 0.
+        g[c] = dyd * static_cast<double>(x[c]) * std::min(power / t[c], std::numeric_limits<double>::max());
+      }
+    }
+  }
+
+ private:
+  // Whether T is a normal float and so is the power with this logarithm.
+  static int32_t in_range(float t, float log_power) {
+    return (t >= std::numeric_limits<float>::min()) & (t <= std::numeric_limits<float>::max()) &
+           (log_power >= -87.0f) & (log_power <= 88.0f);
+  }
+
+  float neg_beta_;
+  WidePower wide_power_;
+};
+
+// float64: std::pow, and the log domain where a power alone leaves the double range.
+template <>
+class Arithmetic<double> {
+ public:
+  explicit Arithmetic(const Settings& s) : beta_(s.beta) {}
+
+  void forward(const double* x, const double* t, double* y, int64_t count) const {
+    for (int64_t c = 0; c < count; ++c) {
+      y[c] = times_power(x[c], t[c], -beta_);
+    }
+  }
+
+  void gradient_terms(const double* dy, const double* x, const double* t, double* first, double* g,
+                      int64_t count) const {
+    for (int64_t c = 0; c < count; ++c) {
+      first[c] = times_power(dy[c], t[c], -beta_);
+      g[c] = times_power(dy[c], x[c], t[c], -beta_ - 1.0);
+    }
+  }
+
+ private:
+  double beta_;
+};
+
+// T for one row of window sums of X^2.
+struct Denominators {
+  explicit Denominators(const Settings& s)
+      : delta(s.delta), scale(s.alpha / s.window_size()) {}
+
+  void operator()(const double* __restrict sums, double* __restrict t, int64_t width) const {
     for (int64_t c = 0; c < width; ++c) {
-      t[c] = static_cast<opmath_t>(delta + scale * sums[c]);
+      t[c] = delta + scale * sums[c];
     }
   }
 
   double delta;
   double scale;  // alpha / (kw * kh)
-  opmath_t neg_beta;
-  opmath_t gradient_scale;  // 2 * alpha * beta / (kw * kh)
 };
 
 // What the windows sum: the squared input in the forward pass, G in the gradient's second pass.
@@ -107,100 +200,79 @@ struct Squared {
 };
 
 struct AsIs {
-  template <typename opmath_t>
-  double operator()(opmath_t v) const {
-    return static_cast<double>(v);
-  }
+  double operator()(double v) const { return v; }
 };
 
 template <typename scalar_t>
 SPATIALNORM_VECTORIZED void forward_bands(const scalar_t* input, scalar_t* output, PlaneShape shape,
                                           const Settings& settings, const Bands& bands, int64_t begin,
                                           int64_t end) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const Coefficients<opmath_t> k(settings);
+  const Arithmetic<at::opmath_type<scalar_t>> arithmetic(settings);
+  const Denominators denominators(settings);
   const int64_t width = shape.width;
-  SlidingWindowSums window(width, forward_extent(settings.kernel_height), forward_extent(settings.kernel_width));
-  const Power<opmath_t> power(k.neg_beta);
-  std::vector<opmath_t> denominators;
+  WindowSums window(width, forward_extent(settings.kernel_height), forward_extent(settings.kernel_width));
+  std::vector<double> t_rows;
   for (int64_t i = begin; i < end; ++i) {
     const Band band = bands[i];
     const int64_t offset = band.plane * shape.height * width + band.row_begin * width;
-    denominators.resize(static_cast<size_t>((band.row_end - band.row_begin) * width));
+    t_rows.resize(static_cast<size_t>((band.row_end - band.row_begin) * width));
     window.run(input + band.plane * shape.height * width, shape.height, band.row_begin, band.row_end, Squared{},
                [&](int64_t row, const double* sums) {
-                 k.denominators(sums, denominators.data() + (row - band.row_begin) * width, width);
+                 denominators(sums, t_rows.data() + (row - band.row_begin) * width, width);
                });
     // The powers in one loop over the whole band: rows are short, and a loop per row would
     // leave too few independent vectors in flight to hide the polynomials' latency.
-    const scalar_t* __restrict x = input + offset;
-    scalar_t* __restrict y = output + offset;
-    const opmath_t* __restrict t = denominators.data();
-    const int64_t count = static_cast<int64_t>(denominators.size());
-    for (int64_t c = 0; c < count; ++c) {
-      y[c] = static_cast<scalar_t>(static_cast<opmath_t>(x[c]) * power(t[c]));
-    }
+    arithmetic.forward(input + offset, t_rows.data(), output + offset, static_cast<int64_t>(t_rows.size()));
   }
 }
 
-// dX = dY * T^-beta - gradient_scale * X * (sum over the mirrored window of dY * X * T^(-beta-1)).
-// Pass one streams the forward window to get T and stores G = dY * X * T^(-beta-1) for every row
-// the band's mirrored windows reach, and T^-beta for the band's rows; pass two streams the
-// mirrored window over G.
+// Pass one streams the forward window to get T, then G and dY * T^-beta for every row the band's
+// mirrored windows reach; pass two streams the mirrored window over G.
 template <typename scalar_t>
 SPATIALNORM_VECTORIZED void backward_bands(const scalar_t* grad_output, const scalar_t* input, scalar_t* grad_input,
                                            PlaneShape shape, const Settings& settings, const Bands& bands,
                                            int64_t begin, int64_t end) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const Coefficients<opmath_t> k(settings);
+  const Arithmetic<at::opmath_type<scalar_t>> arithmetic(settings);
+  const Denominators denominators(settings);
+  const double gradient_scale = 2.0 * settings.alpha * settings.beta / settings.window_size();
   const int64_t width = shape.width;
   const WindowExtent rows = forward_extent(settings.kernel_height);
   const WindowExtent cols = forward_extent(settings.kernel_width);
-  SlidingWindowSums window(width, rows, cols);
-  SlidingWindowSums mirrored_window(width, mirrored(rows), mirrored(cols));
-  const Power<opmath_t> power(k.neg_beta);
-  std::vector<opmath_t> denominators;  // then G
-  std::vector<opmath_t> powers;
+  WindowSums window(width, rows, cols);
+  WindowSums mirrored_window(width, mirrored(rows), mirrored(cols));
+  std::vector<double> t_rows;
+  std::vector<double> g_rows;
+  std::vector<double> first_terms;
   for (int64_t i = begin; i < end; ++i) {
     const Band band = bands[i];
     const int64_t g_begin = std::max<int64_t>(0, band.row_begin - mirrored(rows).before);
     const int64_t g_end = std::min(shape.height, band.row_end + mirrored(rows).after);
     const int64_t count = (g_end - g_begin) * width;
-    denominators.resize(static_cast<size_t>(count));
-    powers.resize(static_cast<size_t>(count));
+    t_rows.resize(static_cast<size_t>(count));
+    g_rows.resize(static_cast<size_t>(count));
+    first_terms.resize(static_cast<size_t>(count));
     const int64_t offset = band.plane * shape.height * width;
     const scalar_t* x_plane = input + offset;
     const scalar_t* dy_plane = grad_output + offset;
     scalar_t* dx_plane = grad_input + offset;
 
     window.run(x_plane, shape.height, g_begin, g_end, Squared{}, [&](int64_t row, const double* sums) {
-      k.denominators(sums, denominators.data() + (row - g_begin) * width, width);
+      denominators(sums, t_rows.data() + (row - g_begin) * width, width);
     });
-    // One loop over all rows, as in the forward pass; G replaces T in place.
-    {
-      const scalar_t* __restrict x = x_plane + g_begin * width;
-      const scalar_t* __restrict dy = dy_plane + g_begin * width;
-      opmath_t* __restrict t_then_g = denominators.data();
-      opmath_t* __restrict p = powers.data();
-      for (int64_t c = 0; c < count; ++c) {
-        const opmath_t t = t_then_g[c];
-        p[c] = power(t);
-        t_then_g[c] = static_cast<opmath_t>(dy[c]) * static_cast<opmath_t>(x[c]) * (p[c] / t);
-      }
-    }
-    const opmath_t* g_rows = denominators.data();
+    // One loop over all rows, as in the forward pass.
+    arithmetic.gradient_terms(dy_plane + g_begin * width, x_plane + g_begin * width, t_rows.data(),
+                              first_terms.data(), g_rows.data(), count);
 
-    mirrored_window.run(g_rows, g_end - g_begin, band.row_begin - g_begin, band.row_end - g_begin, AsIs{},
+    mirrored_window.run(g_rows.data(), g_end - g_begin, band.row_begin - g_begin, band.row_end - g_begin, AsIs{},
                         [&](int64_t local_row, const double* sums) {
-                          const int64_t row = local_row + g_begin;
-                          const scalar_t* __restrict x = x_plane + row * width;
-                          const scalar_t* __restrict dy = dy_plane + row * width;
-                          const opmath_t* __restrict p = powers.data() + local_row * width;
-                          scalar_t* __restrict dx = dx_plane + row * width;
+                          const scalar_t* __restrict x = x_plane + (local_row + g_begin) * width;
+                          const double* __restrict first = first_terms.data() + local_row * width;
+                          scalar_t* __restrict dx = dx_plane + (local_row + g_begin) * width;
                           for (int64_t c = 0; c < width; ++c) {
-                            dx[c] = static_cast<scalar_t>(static_cast<opmath_t>(dy[c]) * p[c] -
-                                                          k.gradient_scale * static_cast<opmath_t>(x[c]) *
-                                                              static_cast<opmath_t>(sums[c]));
+                            // With alpha = 0 the second term is 0, even where G overflowed.
+                            const double second =
+                                gradient_scale == 0.0 ? 0.0 : gradient_scale * static_cast<double>(x[c]) * sums[c];
+                            dx[c] = static_cast<scalar_t>(first[c] - second);
                           }
                         });
   }

@@ -1,0 +1,161 @@
+// T^e and the products that use it, for the CPU kernels, exact wherever the result is finite.
+//
+// T comes from double window sums and stays double. For float32 compute types the power is the
+// Cephes single-precision logarithm and exponential (minimax polynomials, a few ulp) around a
+// double-precision range reduction: T = m * 2^k with m near 1, and e * log(T) = n * ln2 + r with
+// |r| <= ln2/2, so only log(m) and exp(r) are evaluated in float. The result is a double with
+// float accuracy over the whole double range: T^-beta for a subnormal T, or 1e40, is exact,
+// and the products with the data are taken in double, so X * T^-beta is finite wherever the
+// exact product is. Written as plain arithmetic so that the loops using it vectorize (std::pow
+// is an opaque call that keeps every loop around it scalar); they need -fno-trapping-math,
+// without which GCC won't turn selects into vector blends.
+//
+// float64 goes through std::pow, and where the power alone leaves the double range, the product
+// is taken in the log domain.
+//
+// T <= 0 (possible only with delta <= 0) gives NaN, on every device (docs/definition.md).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace spatialnorm::cpu {
+
+template <typename To, typename From>
+inline To bit_cast(From value) {
+  static_assert(sizeof(To) == sizeof(From));
+  To result;
+  std::memcpy(&result, &value, sizeof result);
+  return result;
+}
+
+// log(1 + m) for m in [sqrt(1/2) - 1, sqrt(2) - 1) (Cephes logf's polynomial).
+inline float log1p_reduced(float m) {
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  return m + (y - 0.5f * z);
+}
+
+// e^r for |r| <= ln2/2 (Cephes expf's polynomial).
+inline float exp_reduced(float r) {
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r * r + r + 1.0f;
+}
+
+// Conversions between whole doubles and int64 for |n| < 2^51, through the bits of 1.5 * 2^52:
+// AVX2 has no instruction for them, and GCC would leave the loops using them scalar.
+constexpr double kRoundingShift = 0x1.8p52;
+
+inline int64_t to_int(double whole) {
+  return bit_cast<int64_t>(whole + kRoundingShift) - bit_cast<int64_t>(kRoundingShift);
+}
+
+inline double to_double(int64_t n) {
+  return bit_cast<double>(n + bit_cast<int64_t>(kRoundingShift)) - kRoundingShift;
+}
+
+// 2^n for integer n in [-2044, 2046], as two factors that are each a normal double, so that
+// results below the normal range round to subnormals and zero instead of wrapping the exponent.
+inline double two_to_the(int64_t n) {
+  const int64_t first = n >> 1;
+  return bit_cast<double>((first + 1023) << 52) * bit_cast<double>((n - first + 1023) << 52);
+}
+
+// The float32 fast path, for T a normal float and powers within the normal range:
+// log(t) for a positive, finite, normal float.
+inline float positive_log(float t) {
+  const int32_t bits = bit_cast<int32_t>(t);
+  const int32_t k = (bits - 0x3f3504f3) >> 23;  // as in WidePower, for floats
+  const float m = bit_cast<float>(bits - (k << 23)) - 1.0f;
+  return log1p_reduced(m) + static_cast<float>(k) * 0.693147180559945309417f;
+}
+
+// e^w for w in [-87, 88], where the result is a normal float (w is clamped to that range).
+inline float normal_exponential(float w) {
+  w = std::min(std::max(w, -87.0f), 88.0f);
+  const float n = std::floor(w * 1.44269504088896341f + 0.5f);
+  const float r = w - n * 0.693359375f + n * 2.12194440e-4f;  // ln2 split in two: an exact product
+  return exp_reduced(r) * bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+
+// t -> t^exponent for t from double window sums, with float accuracy, as a double clamped to
+// the finite range (so that 0 * T^e is 0). What depends on the exponent alone is worked out
+// once, so that the per-element code has no branches to stop the loops from vectorizing.
+class WidePower {
+ public:
+  explicit WidePower(double exponent)
+      : exponent_(exponent),
+        at_infinity_(exponent < 0 ? 0.0 : (exponent > 0 ? std::numeric_limits<double>::infinity() : 1.0)) {}
+
+  double operator()(double t) const {
+    constexpr double kMinNormal = std::numeric_limits<double>::min();
+    constexpr double kLn2 = 0.693147180559945309417;
+    // Subnormal t: scale into the normal range first, and take the scale back out of the exponent.
+    const bool tiny = t < kMinNormal;
+    const double normal = tiny ? t * 0x1p64 : t;
+    // normal = (1 + m) * 2^k with 1 + m in [sqrt(1/2), sqrt(2)): subtracting the bits of
+    // sqrt(1/2) before the shift moves the exponent's boundary there, without compare and select.
+    const int64_t bits = bit_cast<int64_t>(normal);
+    const int64_t k = (bits - 0x3fe6a09e667f3bcdll) >> 52;
+    const float m = static_cast<float>(bit_cast<double>(bits - (k << 52)) - 1.0);
+    const double log_t = static_cast<double>(log1p_reduced(m)) + to_double(tiny ? k - 64 : k) * kLn2;
+    // Beyond these bounds the result is 0 or the largest double anyway (std::min/max keep a NaN
+    // and become single instructions).
+    const double w = std::min(std::max(exponent_ * log_t, -746.0), 710.0);
+    const double n = std::floor(w * 1.44269504088896340736 + 0.5);
+    const double r = w - n * kLn2;
+    const double power = std::min(static_cast<double>(exp_reduced(static_cast<float>(r))) * two_to_the(to_int(n)),
+                                  std::numeric_limits<double>::max());
+    const double special = t > std::numeric_limits<double>::max() ? at_infinity_ : std::numeric_limits<double>::quiet_NaN();
+    return t > 0 && t <= std::numeric_limits<double>::max() ? power : special;
+  }
+
+ private:
+  double exponent_;
+  double at_infinity_;
+};
+
+// a * t^e in double, exact where the result is a finite double: where t^e alone overflows or
+// underflows, in the log domain. t <= 0 or NaN gives NaN; an infinite t or a gives what the
+// formula gives (NaN and infinities propagate as in PyTorch's pointwise ops).
+inline double times_power(double a, double t, double e) {
+  if (!(t > 0)) {
+    return std::numeric_limits<double>::quiet_NaN();
+  }
+  const double p = std::pow(t, e);
+  if (std::isnormal(p) || std::isinf(t) || !std::isfinite(a)) {
+    return a * p;
+  }
+  if (a == 0) {
+    return a;
+  }
+  return std::copysign(std::exp(std::log(std::fabs(a)) + e * std::log(t)), a);
+}
+
+// a * b * t^e, likewise, also where a * b alone would overflow or underflow.
+inline double times_power(double a, double b, double t, double e) {
+  const double ab = a * b;
+  if (std::isnormal(ab) || a == 0 || b == 0 || !std::isfinite(a) || !std::isfinite(b) || !(t > 0)) {
+    return times_power(ab, t, e);
+  }
+  return std::copysign(std::exp(std::log(std::fabs(a)) + std::log(std::fabs(b)) + e * std::log(t)), ab);
+}
+
+}  // namespace spatialnorm::cpu
