@@ -48,7 +48,7 @@ def test_sdist_holds_everything_the_build_needs(tmp_path):
     run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(REPO)], REPO)
     (sdist,) = (tmp_path / "dist").glob("*.tar.gz")
     names = {Path(*Path(n).parts[1:]).as_posix() for n in tarfile.open(sdist).getnames()}
-    for needed in ("metal/spatial_norm.metal", "csrc/spatial_norm.h", "csrc/cpu/sliding_window_sums.h",
+    for needed in ("metal/spatial_norm.metal", "csrc/spatial_norm.h", "csrc/cpu/window_sums.h", "csrc/cpu/power.h",
                    "csrc/cuda/shared_tile.cuh", "csrc/cuda/spatial_norm_cuda.cu", "setup.py", "pyproject.toml"):
         assert needed in names, needed
     site = tmp_path / "site"

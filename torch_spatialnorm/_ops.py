@@ -82,8 +82,8 @@ def _backward_backward(ctx, v):
     a = alpha / (kernel_width * kernel_height)
     c = 2.0 * alpha * beta / (kernel_width * kernel_height)
     t = reference.denominator(x, kernel_width, kernel_height, alpha, delta)
-    p = t.pow(-beta)
-    q = p / t
+    p = reference.power(t, -beta)
+    q = reference.power(t, -beta - 1.0)
     r = reference.window_sum(dy * x * q, kernel_width, kernel_height, mirrored=True)
     u = reference.window_sum(x * v, kernel_width, kernel_height)
     grad_dy = v * p - c * x * q * u

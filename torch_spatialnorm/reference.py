@@ -25,16 +25,23 @@ def window_sum(x: torch.Tensor, kernel_width: int, kernel_height: int, mirrored:
 
 
 def denominator(x, kernel_width, kernel_height, alpha, delta):
-    """T = delta + alpha / (kw * kh) * sum of x^2 over the window; NaN where that is <= 0 (the
-    result is undefined there, and every implementation gives NaN)."""
-    t = delta + alpha / (kernel_width * kernel_height) * window_sum(x * x, kernel_width, kernel_height)
-    return torch.where(t > 0, t, torch.nan)
+    """T = delta + alpha / (kw * kh) * sum of x^2 over the window (just delta when alpha is 0,
+    whatever the window holds)."""
+    if alpha == 0:
+        return torch.full_like(x, delta)
+    return delta + alpha / (kernel_width * kernel_height) * window_sum(x * x, kernel_width, kernel_height)
+
+
+def power(t, exponent):
+    """t ** exponent, NaN where t <= 0: the result is undefined there, and every implementation
+    gives NaN (elsewhere as torch.pow, so NaN ** 0 is 1)."""
+    return torch.where(t <= 0, torch.nan, t.pow(exponent))
 
 
 def spatial_normalization(x, kernel_width, kernel_height=None, alpha=1.0, beta=5.0, delta=1.0):
     kernel_height = kernel_width if kernel_height is None else kernel_height
     t = denominator(x, kernel_width, kernel_height, alpha, delta)
-    return x * t.pow(-beta)
+    return x * power(t, -beta)
 
 
 def spatial_normalization_gradient(
@@ -44,6 +51,7 @@ def spatial_normalization_gradient(
     kernel_height = kernel_width if kernel_height is None else kernel_height
     dy, x = source_gradient, source_image
     t = denominator(x, kernel_width, kernel_height, alpha, delta)
-    power = t.pow(-beta)
-    neighbours = window_sum(dy * x * power / t, kernel_width, kernel_height, mirrored=True)
-    return dy * power - (2.0 * alpha * beta / (kernel_width * kernel_height)) * x * neighbours
+    if alpha == 0 or beta == 0:  # the second term is absent, whatever X holds
+        return dy * power(t, -beta)
+    neighbours = window_sum(dy * x * power(t, -beta - 1.0), kernel_width, kernel_height, mirrored=True)
+    return dy * power(t, -beta) - (2.0 * alpha * beta / (kernel_width * kernel_height)) * x * neighbours

@@ -102,7 +102,8 @@ class WidePower {
  public:
   explicit WidePower(double exponent)
       : exponent_(exponent),
-        at_infinity_(exponent < 0 ? 0.0 : (exponent > 0 ? std::numeric_limits<double>::infinity() : 1.0)) {}
+        at_infinity_(exponent < 0 ? 0.0 : (exponent > 0 ? std::numeric_limits<double>::infinity() : 1.0)),
+        at_nan_(exponent == 0 ? 1.0 : std::numeric_limits<double>::quiet_NaN()) {}
 
   double operator()(double t) const {
     constexpr double kMinNormal = std::numeric_limits<double>::min();
@@ -123,24 +124,27 @@ class WidePower {
     const double r = w - n * kLn2;
     const double power = std::min(static_cast<double>(exp_reduced(static_cast<float>(r))) * two_to_the(to_int(n)),
                                   std::numeric_limits<double>::max());
-    const double special = t > std::numeric_limits<double>::max() ? at_infinity_ : std::numeric_limits<double>::quiet_NaN();
+    const double special = t > std::numeric_limits<double>::max()
+                               ? at_infinity_
+                               : (t <= 0 ? std::numeric_limits<double>::quiet_NaN() : at_nan_);  // as std::pow
     return t > 0 && t <= std::numeric_limits<double>::max() ? power : special;
   }
 
  private:
   double exponent_;
   double at_infinity_;
+  double at_nan_;
 };
 
 // a * t^e in double, exact where the result is a finite double: where t^e alone overflows or
-// underflows, in the log domain. t <= 0 or NaN gives NaN; an infinite t or a gives what the
+// underflows, in the log domain. t <= 0 gives NaN; a NaN or infinite t or a gives what the
 // formula gives (NaN and infinities propagate as in PyTorch's pointwise ops).
 inline double times_power(double a, double t, double e) {
-  if (!(t > 0)) {
+  if (t <= 0) {
     return std::numeric_limits<double>::quiet_NaN();
   }
   const double p = std::pow(t, e);
-  if (std::isnormal(p) || std::isinf(t) || !std::isfinite(a)) {
+  if (std::isnormal(p) || !std::isfinite(t) || !std::isfinite(a)) {
     return a * p;
   }
   if (a == 0) {
@@ -152,7 +156,8 @@ inline double times_power(double a, double t, double e) {
 // a * b * t^e, likewise, also where a * b alone would overflow or underflow.
 inline double times_power(double a, double b, double t, double e) {
   const double ab = a * b;
-  if (std::isnormal(ab) || a == 0 || b == 0 || !std::isfinite(a) || !std::isfinite(b) || !(t > 0)) {
+  if (std::isnormal(ab) || a == 0 || b == 0 || !std::isfinite(a) || !std::isfinite(b) || !(t > 0) ||
+      !std::isfinite(t)) {
     return times_power(ab, t, e);
   }
   return std::copysign(std::exp(std::log(std::fabs(a)) + std::log(std::fabs(b)) + e * std::log(t)), ab);

@@ -97,7 +97,8 @@ class Arithmetic;
 template <>
 class Arithmetic<float> {
  public:
-  explicit Arithmetic(const Settings& s) : neg_beta_(static_cast<float>(-s.beta)), wide_power_(-s.beta) {}
+  explicit Arithmetic(const Settings& s)
+      : neg_beta_(static_cast<float>(-s.beta)), wide_power_(-s.beta), wide_power_over_t_(-s.beta - 1.0) {}
 
   template <typename scalar_t>
   void forward(const scalar_t* __restrict x, const double* __restrict t, scalar_t* __restrict y, int64_t count) const {
@@ -131,11 +132,9 @@ class Arithmetic<float> {
     }
     if (!fits) {
       for (int64_t c = 0; c < count; ++c) {
-        const double power = wide_power_(t[c]);
         const double dyd = static_cast<double>(dy[c]);
-        first[c] = dyd * power;
-        // T^(-beta-1) kept finite, so that where dY * X is 0, G is 0.
-        g[c] = dyd * static_cast<double>(x[c]) * std::min(power / t[c], std::numeric_limits<double>::max());
+        first[c] = dyd * wide_power_(t[c]);
+        g[c] = dyd * static_cast<double>(x[c]) * wide_power_over_t_(t[c]);
       }
     }
   }
@@ -148,7 +147,8 @@ class Arithmetic<float> {
   }
 
   float neg_beta_;
-  WidePower wide_power_;
+  WidePower wide_power_;         // T^-beta
+  WidePower wide_power_over_t_;  // T^(-beta-1)
 };
 
 // float64: std::pow, and the log domain where a power alone leaves the double range.
@@ -175,14 +175,14 @@ class Arithmetic<double> {
   double beta_;
 };
 
-// T for one row of window sums of X^2.
+// T for one row of window sums of X^2 (delta alone when alpha is 0, whatever the window holds).
 struct Denominators {
   explicit Denominators(const Settings& s)
       : delta(s.delta), scale(s.alpha / s.window_size()) {}
 
   void operator()(const double* __restrict sums, double* __restrict t, int64_t width) const {
     for (int64_t c = 0; c < width; ++c) {
-      t[c] = delta + scale * sums[c];
+      t[c] = scale == 0.0 ? delta : delta + scale * sums[c];
     }
   }
 

@@ -1,0 +1,215 @@
+"""Exact whatever the data: each output depends only on its window, nothing overflows or becomes
+NaN where the exact result is finite, and the edge cases have one rule on every dtype.
+
+The CPU kernels against the float64 reference, on targeted cases (spikes of huge values, 0 times
+a huge power, subnormal T) and on property-based examples over shapes, windows, dtypes and
+settings.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import torch_spatialnorm as sn
+from helpers import expected_forward, expected_gradient
+
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# Per-element error bars, relative to the magnitude of the terms that make each result.
+ELEMENT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+def forward_and_gradient(x, dy, kernel, alpha, beta, delta):
+    kw, kh = kernel
+    return (
+        sn.spatial_normalization(x, kw, kh, alpha, beta, delta),
+        sn.spatial_normalization_gradient(dy, x, kw, kh, alpha, beta, delta),
+    )
+
+
+@pytest.mark.parametrize(
+    "x,kernel,settings,expected",
+    [
+        # A spike's rounding error stayed in running sums after it left the window.
+        (torch.tensor([[[1.0, 3e8, 1, 1, 1, 1, 1, 1]]]), 3, {}, None),
+        (torch.tensor([[[1e4, 1e-4]]], dtype=torch.float64), 1, dict(beta=0.5, delta=1e-10), None),
+        # 0 * T^-beta with T^-beta beyond float32's range.
+        (torch.zeros(1, 3, 3), 3, dict(beta=5.0, delta=1e-8), torch.zeros(1, 3, 3)),
+        # A subnormal T in float32.
+        (torch.tensor([[[1e-20]]]), 1, dict(beta=0.5, delta=1e-39), torch.tensor([[[0.30151134]]])),
+        # x^2 beyond float32's range.
+        (torch.tensor([[[1e20, -3e19]]]), 1, dict(beta=0.5), torch.tensor([[[1.0, -1.0]]])),
+    ],
+)
+def test_forward_repros(x, kernel, settings, expected):
+    got = sn.spatial_normalization(x, kernel, **settings)
+    exact = expected_forward(x, kernel, kernel, **{**dict(alpha=1.0, beta=5.0, delta=1.0), **settings})
+    if expected is not None:
+        torch.testing.assert_close(exact, expected.double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.double(), exact.to(x.dtype).double(), rtol=2e-6, atol=0)
+
+
+def test_gradient_repros():
+    # alpha = 0: the second term is 0 even where G overflows float32.
+    got = sn.spatial_normalization_gradient(torch.ones(1, 1, 1), torch.full((1, 1, 1), 0.5), 1, alpha=0.0, beta=1.0, delta=1e-20)
+    torch.testing.assert_close(got, torch.full((1, 1, 1), 1e20))
+    # One nonzero pixel in zeros: T^(-beta-1) beyond float32's range times X = 0.
+    x = torch.zeros(1, 1, 6, 6)
+    x[0, 0, 2, 3] = 0.7
+    dy = torch.randn(1, 1, 6, 6)
+    got = sn.spatial_normalization_gradient(dy, x, 3, beta=5.0, delta=1e-7)
+    torch.testing.assert_close(got.double(), expected_gradient(dy, x, 3, 3, 1.0, 5.0, 1e-7), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("beta", [-0.5, -2.0])
+def test_infinite_input_with_negative_beta(beta):
+    """T^(-beta-1) at T = inf is 0 or inf, not inf/inf: the gradient is what the formula says."""
+    x = torch.tensor([[[1.0, float("inf"), 2.0, 0.5]]], dtype=torch.float64)
+    dy = torch.tensor([[[1.0, 1.0, -1.0, 2.0]]], dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        got = sn.spatial_normalization_gradient(dy.to(dtype), x.to(dtype), 3, beta=beta)
+        torch.testing.assert_close(got.double(), expected_gradient(dy, x, 3, 3, 1.0, beta, 1.0), equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype,spike", [(torch.float32, 1e30), (torch.float64, 1e300), (torch.float16, 6e4)])
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 4), (12, 9)])
+def test_a_spike_changes_no_window_that_does_not_hold_it(dtype, spike, kernel, generator):
+    shape = (1, 2, 40, 37)
+    x = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    dy = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    x[0, 1, 11, 7] = spike
+    kw, kh = kernel
+    settings = dict(alpha=1e-2, beta=0.75, delta=1.0)
+    y, dx = forward_and_gradient(x, dy, kernel, **settings)
+    # Outputs whose forward window W holds the spike; the gradient reaches through W then M.
+    holds = torch.zeros(shape, dtype=torch.float64)
+    holds[0, 1, 11, 7] = 1.0
+    in_w = sn.reference.window_sum(holds, kw, kh, mirrored=True) > 0
+    in_w_or_m = sn.reference.window_sum(sn.reference.window_sum(holds, kw, kh, mirrored=True), kw, kh) > 0
+    for got, expected, touched in (
+        (y, expected_forward(x.double(), kw, kh, **settings), in_w),
+        (dx, expected_gradient(dy.double(), x.double(), kw, kh, **settings), in_w_or_m),
+    ):
+        away = ~touched
+        assert away.sum() > 1000
+        torch.testing.assert_close(
+            got.double()[away], expected[away], rtol=ELEMENT_TOLERANCE[dtype], atol=1e-6 * expected[away].abs().max().item()
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nonpositive_t_is_nan_on_every_dtype(dtype):
+    """delta <= 0: T <= 0 is undefined (as in MPS); every device and dtype gives NaN there."""
+    x = torch.tensor([[[0.0, 3.0, 0.0, 0.0, 0.0]]], dtype=dtype)
+    y, dx = forward_and_gradient(x, torch.ones_like(x), (1, 1), 1.0, 2.0, -1.0)
+    assert torch.isnan(y).tolist() == [[[True, False, True, True, True]]]
+    assert torch.isnan(dx).tolist() == [[[True, False, True, True, True]]]
+    y, _ = forward_and_gradient(x, torch.ones_like(x), (1, 1), 1.0, 2.0, 0.0)
+    assert torch.isnan(y).tolist() == [[[True, False, True, True, True]]]
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 4, 4), (1, 2, 0, 4), (0, 4, 4)])
+def test_double_backward_of_empty_tensors(shape):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(sn.spatial_normalization(x, 3).sum(), x, create_graph=True)
+    (grad_grad,) = torch.autograd.grad(grad.sum(), x)
+    assert grad_grad.shape == x.shape
+
+
+def test_huge_kernel_sizes_are_windows_larger_than_the_image(generator):
+    x = torch.randn(1, 2, 5, 7, generator=generator, dtype=torch.float64)
+    for kernel in [(2**31 - 1, 5), (3, 2**31 - 1)]:
+        torch.testing.assert_close(sn.spatial_normalization(x, *kernel), expected_forward(x, *kernel, 1.0, 5.0, 1.0))
+
+
+# Property-based: the float64 reference as the oracle, and an error bar per element scaled by the
+# magnitudes of the terms the result is made of, so that cancellation in the gradient is allowed
+# for but no single element can hide.
+
+
+def _term_scales(x, dy, kw, kh, alpha, beta, delta):
+    """|Y| and |dY| T^-beta + c |X| M(|dY X| T^(-beta-1)) from the float64 reference."""
+    x, dy = x.double(), dy.double()
+    t = sn.reference.denominator(x, kw, kh, alpha, delta)
+    first = dy.abs() * t.pow(-beta)
+    c = 2.0 * alpha * abs(beta) / (kw * kh)
+    if c == 0:
+        return (x * t.pow(-beta)).abs(), first
+    neighbours = sn.reference.window_sum((dy * x).abs() * t.pow(-beta - 1.0), kw, kh, mirrored=True)
+    return (x * t.pow(-beta)).abs(), first + c * x.abs() * neighbours
+
+
+def _assert_close_elementwise(got, expected, scale, dtype):
+    expected_in_dtype = expected.to(dtype).double()
+    got = got.double()
+    special = ~torch.isfinite(expected_in_dtype)
+    assert torch.equal(torch.isnan(got), torch.isnan(expected_in_dtype))
+    assert torch.equal(got[special & ~torch.isnan(got)], expected_in_dtype[special & ~torch.isnan(got)])
+    ok = ~special
+    # Results below the dtype's normal range carry an absolute error of its smallest step.
+    floor = torch.finfo(dtype).tiny if dtype != torch.float64 else 0.0
+    bar = ELEMENT_TOLERANCE[dtype] * scale[ok] + 2 * floor
+    excess = (got[ok] - expected[ok]).abs() - bar
+    assert (excess <= 0).all(), f"largest excess {excess.max().item():.3g} over the bar"
+
+
+@st.composite
+def cases(draw):
+    dtype = draw(st.sampled_from(DTYPES))
+    batch = draw(st.sampled_from([(), (1,), (2,)]))
+    channels, height, width = draw(st.integers(0, 2)), draw(st.integers(0, 9)), draw(st.integers(0, 9))
+    kw, kh = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    alpha = draw(st.sampled_from([0.0, 1e-4, 1e-2, 1.0, 30.0]))
+    beta = draw(st.sampled_from([-1.5, -0.5, 0.0, 0.5, 0.75, 1.0, 2.0, 5.0, 8.0]))
+    delta = draw(st.sampled_from([1e-8, 1e-3, 1.0, 2.0, 1e3]))
+    # Magnitudes within what the dtype holds, so that the float64 reference is exact on the same inputs.
+    top = {torch.float16: 2, torch.bfloat16: 6}.get(dtype, 8)
+    scale = 10.0 ** draw(st.integers(-6, top))
+    seed = draw(st.integers(0, 2**31 - 1))
+    spikes = draw(st.sampled_from([None, 1e3, 1e6, float("nan"), float("inf")]))
+    return dtype, (*batch, channels, height, width), (kw, kh), dict(alpha=alpha, beta=beta, delta=delta), scale, seed, spikes
+
+
+def _inputs(dtype, shape, scale, seed, spike):
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=generator, dtype=torch.float64) * scale).to(dtype)
+    dy = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
+    if spike is not None and x.numel():
+        flat = x.view(-1)
+        flat[torch.randint(flat.numel(), (1,), generator=generator)] = spike * (1.0 if math.isnan(spike) else scale)
+    return x, dy
+
+
+PROPERTY_SETTINGS = settings(
+    max_examples=400, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+)
+
+
+@PROPERTY_SETTINGS
+@given(cases())
+def test_forward_and_gradient_op_match_the_reference(case):
+    dtype, shape, (kw, kh), settings_, scale, seed, spike = case
+    x, dy = _inputs(dtype, shape, scale, seed, spike)
+    y, dx = forward_and_gradient(x, dy, (kw, kh), **settings_)
+    assert y.shape == dx.shape == x.shape and y.dtype == dx.dtype == dtype
+    if x.numel() == 0:
+        return
+    y_scale, dx_scale = _term_scales(x, dy, kw, kh, **settings_)
+    _assert_close_elementwise(y, expected_forward(x, kw, kh, **settings_), y_scale, dtype)
+    _assert_close_elementwise(dx, expected_gradient(dy, x, kw, kh, **settings_), dx_scale, dtype)
+
+
+@PROPERTY_SETTINGS
+@given(cases())
+def test_autograd_matches_the_reference(case):
+    dtype, shape, (kw, kh), settings_, scale, seed, spike = case
+    x, dy = _inputs(dtype, shape, scale, seed, spike)
+    x.requires_grad_(True)
+    (dx,) = torch.autograd.grad(sn.spatial_normalization(x, kw, kh, **settings_), x, dy)
+    assert dx.shape == x.shape and dx.dtype == dtype
+    if x.numel() == 0:
+        return
+    x = x.detach()
+    _, dx_scale = _term_scales(x, dy, kw, kh, **settings_)
+    _assert_close_elementwise(dx, expected_gradient(dy, x, kw, kh, **settings_), dx_scale, dtype)
