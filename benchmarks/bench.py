@@ -34,7 +34,7 @@ SETTINGS = dict(alpha=1e-2, beta=0.75, delta=1.0)
 
 
 def composite(x, kernel_width, kernel_height, alpha, beta, delta):
-    """Spatial normalization as a user writes it with PyTorch ops (same math as SPEC.md §1)."""
+    """Spatial normalization as a user writes it with PyTorch ops (same math as docs/definition.md)."""
     squares = F.pad(x * x, (kernel_width // 2, (kernel_width - 1) // 2, kernel_height // 2, (kernel_height - 1) // 2))
     mean = F.avg_pool2d(squares, (kernel_height, kernel_width), stride=1)  # sum / (kw * kh)
     return x * (delta + alpha * mean).pow(-beta)

@@ -1,4 +1,4 @@
-// Metal kernels of torch_spatialnorm: MPSCNNSpatialNormalization and its gradient (SPEC.md §1).
+// Metal kernels of torch_spatialnorm: MPSCNNSpatialNormalization and its gradient (docs/definition.md).
 //
 // Each direction runs as separable passes over (plane, row) and (plane, column) lines: one
 // thread per line keeps a running window sum along it, so the work per element does not depend

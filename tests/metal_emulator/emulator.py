@@ -4,7 +4,7 @@
 ``include/metal_stdlib`` and returns an object that is called the way the library from
 ``torch.mps.compile_shader`` is: ``lib.kernel_name(*args, threads=..., group_size=...)``, with CPU
 tensors standing in for MPS ones. Arguments are bound as PyTorch binds them (see
-shared/METAL_NOTES.md): argument i to ``[[buffer(i)]]``; a tensor as its raw storage from its
+docs/metal.md): argument i to ``[[buffer(i)]]``; a tensor as its raw storage from its
 storage offset, strides ignored; a Python int as 8 bytes (int64); a Python float as 4 bytes
 (float32). Bindings that the real one would get silently wrong are refused with BindingError:
 a scalar of the wrong byte size, a tensor whose dtype differs from the pointer's type, a missing
