@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace spatialnorm {
@@ -17,6 +18,13 @@ struct WindowExtent {
 // The forward window W: [p - k//2, p + (k-1)//2] (docs/definition.md).
 inline WindowExtent forward_extent(int64_t kernel_size) {
   return {kernel_size / 2, (kernel_size - 1) / 2};
+}
+
+// W along a dimension of `size` >= 1 pixels: a window reaching past the image on a side sums what
+// it would sum reaching just to the image's edge (the divisor stays kw * kh).
+inline WindowExtent clipped_forward_extent(int64_t kernel_size, int64_t size) {
+  const WindowExtent extent = forward_extent(kernel_size);
+  return {std::min(extent.before, size - 1), std::min(extent.after, size - 1)};
 }
 
 // The gradient window M is the mirror image of W.

@@ -234,67 +234,86 @@ struct LinePass {
   }
 };
 
-// Slides a window of `window` terms along lines of `in` (its rows, or `down_columns` its
-// columns): for each of the first `lines` lines and each position i < length, emit(line, i, sum)
-// gets the sum of value(term) over terms i .. i + window - 1 of the line. A running sum takes two
-// terms per window whatever its size, and as it restarts at every stretch its float32 rounding
-// errors stay those of a few dozen terms. A NaN or infinity would run along the rest of a
-// stretch, though: the pass then returns false, and the caller takes it again `direct`, summing
-// every window afresh so that such values stay inside their own windows.
+// Window sums that never subtract, so that each sum's rounding error is bounded by its own
+// terms (a running sum keeps the error of a large value long after it left the window) and a NaN
+// or infinity reaches only the windows that hold it.
+//
+// emit(i, sum) gets, for each i < count, the sum of value(term) over terms i .. i + window - 1
+// of a line that starts at `terms` and steps by `step`. Windows go in chunks of kChunk <= window
+// consecutive ones: window i0 + t is the chunk's suffix from i0 + t (kept in registers) plus its
+// terms from i0 + kChunk on, a prefix that every window of the chunk shares and that grows by one
+// term per window. That is (window + kChunk - 1) / kChunk terms read per window: two at kernel
+// sizes 3, 5 and 9, as with a running sum.
+template <int kChunk, bool kWhole, typename In, typename Value, typename Emit>
+__device__ inline void chunk_window_sums(const In* terms, int step, int count, int window, Value value, Emit emit) {
+  using Sum = decltype(value(*terms));
+  // Terms up to window - 1 lie in the line: count > 0 and kChunk <= window.
+  Sum suffix[kChunk];
+  suffix[kChunk - 1] = value(terms[(kChunk - 1) * step]);
+#pragma unroll
+  for (int t = kChunk - 2; t >= 0; --t) {
+    suffix[t] = value(terms[t * step]) + suffix[t + 1];
+  }
+  Sum beyond = 0;  // terms kChunk .. t + window - 1
+  for (int j = kChunk; j < window; ++j) {
+    beyond += value(terms[j * step]);
+  }
+#pragma unroll
+  for (int t = 0; t < kChunk; ++t) {
+    if (kWhole || t < count) {
+      if (t > 0) {
+        beyond += value(terms[(t + window - 1) * step]);
+      }
+      emit(t, suffix[t] + beyond);
+    }
+  }
+}
+
+template <int kChunk, typename In, typename Value, typename Emit>
+__device__ inline void chunked_window_sums(const In* terms, int step, int count, int window, Value value, Emit emit) {
+  int i0 = 0;
+  for (; i0 + kChunk <= count; i0 += kChunk) {
+    chunk_window_sums<kChunk, true>(terms + i0 * step, step, kChunk, window, value,
+                                    [&](int t, auto sum) { emit(i0 + t, sum); });
+  }
+  if (i0 < count) {
+    chunk_window_sums<kChunk, false>(terms + i0 * step, step, count - i0, window, value,
+                                     [&](int t, auto sum) { emit(i0 + t, sum); });
+  }
+}
+
 template <typename In, typename Value, typename Emit>
-__device__ inline bool slide_windows(const LinePass& pass, SharedArray<In> in, bool down_columns, int lines,
-                                     int length, int window, bool direct, Value value, Emit emit) {
+__device__ inline void window_sums(const In* terms, int step, int count, int window, Value value, Emit emit) {
+  if (window >= 8) {
+    chunked_window_sums<8>(terms, step, count, window, value, emit);
+  } else if (window >= 4) {
+    chunked_window_sums<4>(terms, step, count, window, value, emit);
+  } else if (window >= 2) {
+    chunked_window_sums<2>(terms, step, count, window, value, emit);
+  } else {
+    chunked_window_sums<1>(terms, step, count, window, value, emit);
+  }
+}
+
+// Window sums of `window` terms along lines of `in` (its rows, or `down_columns` its columns):
+// for each of the first `lines` lines and each position i < length, emit(line, i, sum) gets the
+// sum of value(term) over terms i .. i + window - 1 of the line. Each thread takes stretches of
+// consecutive windows of one line.
+template <typename In, typename Value, typename Emit>
+__device__ inline void slide_windows(const LinePass& pass, SharedArray<In> in, bool down_columns, int lines,
+                                     int length, int window, Value value, Emit emit) {
   const int line_step = down_columns ? 1 : in.pitch;
   const int step = down_columns ? in.pitch : 1;
-  bool finite = true;
   for (unsigned int unit = threadIdx.x; unit < static_cast<unsigned int>(pass.units); unit += blockDim.x) {
     const auto at = pass.lines.divmod(unit);
     const int line = at.mod;
     const int begin = at.div * pass.stretch;
-    const int end = min(length, begin + pass.stretch);
-    if (line >= lines || begin >= end) {
-      continue;
-    }
-    const In* leaving = in.data + line * line_step + begin * step;
-    const In* entering = leaving + (window - 1) * step;
-    using Sum = decltype(value(*leaving));
-    if (direct) {
-      for (int i = begin; i < end; ++i, leaving += step, entering += step) {
-        Sum sum = 0;
-        for (const In* term = leaving; term <= entering; term += step) {
-          sum += value(*term);
-        }
-        emit(line, i, sum);
-      }
-    } else {
-      Sum sum = 0;
-      for (const In* term = leaving; term < entering; term += step) {
-        sum += value(*term);
-      }
-#pragma unroll 2
-      for (int i = begin; i < end; ++i, leaving += step, entering += step) {
-        sum += value(*entering);
-        emit(line, i, sum);
-        sum -= value(*leaving);
-      }
-      finite &= isfinite(sum);
+    const int count = min(length, begin + pass.stretch) - begin;
+    if (line < lines && count > 0) {
+      window_sums(in.data + line * line_step + begin * step, step, count, window, value,
+                  [&](int i, auto sum) { emit(line, begin + i, sum); });
     }
   }
-  return finite;
-}
-
-// The pass along the rows of a block's tile, every thread of the block taking part: running sums,
-// taken again directly wherever in the block a NaN or infinity turned up. Returns whether they
-// were, so that the pass down the columns that follows sums directly too.
-template <typename In, typename Value, typename Emit>
-__device__ inline bool sum_along_rows(const LinePass& pass, SharedArray<In> in, int lines, int length, int window,
-                                      Value value, Emit emit) {
-  const bool direct = __syncthreads_or(!slide_windows(pass, in, false, lines, length, window, false, value, emit));
-  if (direct) {
-    slide_windows(pass, in, false, lines, length, window, true, value, emit);
-    __syncthreads();
-  }
-  return direct;
 }
 
 }  // namespace spatialnorm::cuda

@@ -2,13 +2,14 @@
 //
 // A block owns a tile of one image plane. It copies the tile and the halo its windows reach into
 // shared memory in coalesced rows, takes window sums along the region's rows, then down its
-// columns (running sums: two terms per output whatever the kernel size), and the pass down the
-// columns evaluates T^-beta once per element and writes the tile's output, consecutive threads
+// columns (sums that never subtract, about two terms read per output whatever the kernel size),
+// and the pass down the columns evaluates T^-beta once per element and writes the tile's output, consecutive threads
 // on consecutive columns. Each kernel reads its inputs and writes its output once, apart from the
 // halos (mostly served by L2). The gradient is one kernel too: it makes G = dY*X*T^(-beta-1) over
 // the tile and the mirrored window's halo, then sums G over the mirrored windows of the tile.
 // Windows whose halo would not fit shared memory beside a tile run a composite of ATen ops.
 #include "../spatial_norm.h"
+#include "powers.cuh"
 #include "shared_tile.cuh"
 
 #include <ATen/Dispatch.h>
@@ -16,6 +17,8 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/avg_pool2d.h>
 #include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/full_like.h>
+#include <ATen/ops/where.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -39,6 +42,7 @@ struct Coefficients {
   opmath_t scale;           // alpha / (kw * kh)
   opmath_t delta;
   opmath_t neg_beta;
+  opmath_t g_exponent;      // -beta - 1
   opmath_t gradient_scale;  // 2 * alpha * beta / (kw * kh)
 };
 
@@ -57,51 +61,11 @@ __device__ inline Region reach(const Region& positions, Extents window) {
           positions.columns + window.width() - 1};
 }
 
-// T^-beta and T^(-beta-1). In float32 as 2^(-beta * log2(T)) with the hardware's approximate
-// log2 and 2^x (absolute error about 2^-22 in the logarithm): the result is off by at most
-// beta * 2^-22 * ln 2 relative (1e-6 for beta = 5), where powf's extra-precise algorithm would
-// cost more than the whole rest of a kernel; T^(-beta-1) is T^-beta times an approximate 1/T.
-// They flush subnormals to zero (one instruction each instead of four): a T below 2^-126 counts
-// as 0 (T^-beta = inf, as for T = 0), and powers below 2^-126 become 0. float64 uses pow.
-struct Powers {
-  float power;         // T^-beta
-  float power_over_t;  // T^(-beta-1)
-};
-
-__device__ inline float approximate_log2(float x) {
-  float y;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ inline float approximate_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ inline float approximate_reciprocal(float x) {
-  float y;
-  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-__device__ inline Powers negative_powers(float t, float neg_beta) {
-  if (neg_beta == 0.0f) {
-    return {1.0f, 1.0f / t};  // pow(x, 0) == 1 even for infinite or NaN x
-  }
-  const float power = approximate_exp2(neg_beta * approximate_log2(t));
-  return {power, power * approximate_reciprocal(t)};
-}
-
-struct DoublePowers {
-  double power;
-  double power_over_t;
-};
-
-__device__ inline DoublePowers negative_powers(double t, double neg_beta) {
-  const double power = ::pow(t, neg_beta);
-  return {power, power / t};
+// T = delta + alpha/(kw*kh) * (window sum of X^2); just delta when alpha is 0, whatever the window
+// holds (also infinities or NaN).
+template <typename opmath_t>
+__device__ inline PowerBase<opmath_t> denominator(const Coefficients<opmath_t>& k, opmath_t window_sum) {
+  return PowerBase<opmath_t>(k.scale == opmath_t(0) ? k.delta : k.delta + k.scale * window_sum);
 }
 
 template <typename scalar_t>
@@ -190,7 +154,7 @@ struct ForwardPasses {
 };
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, 3)
     forward_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output, TileGrid grid,
                    ForwardPasses passes, Extents w, Coefficients<at::opmath_type<scalar_t>> k) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -203,15 +167,22 @@ __global__ void __launch_bounds__(kMaxThreads)
   load_region(a.x, input + offset, grid.height, grid.width, region, passes.x);
   __syncthreads();
 
-  const bool direct = sum_along_rows(passes.rows, a.x, region.rows, tile.columns, w.width(), Square<scalar_t>(),
-                                     [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
+  slide_windows(passes.rows, a.x, false, region.rows, tile.columns, w.width(), Square<scalar_t>(),
+                [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
+  __syncthreads();
   scalar_t* y = output + offset + tile.row0 * grid.width + tile.col0;
   const int stride = static_cast<int>(grid.width);
-  slide_windows(passes.columns, a.row_sums, true, tile.columns, tile.rows, w.height(), direct, Identity(),
-                [&](int c, int r, opmath_t sum) {
-                  const opmath_t x = static_cast<opmath_t>(a.x(r + w.top, c + w.left));
-                  y[r * stride + c] = static_cast<scalar_t>(x * negative_powers(k.delta + k.scale * sum, k.neg_beta).power);
-                });
+  const auto write_output = [&](auto powers) {
+    slide_windows(passes.columns, a.row_sums, true, tile.columns, tile.rows, w.height(), Identity(),
+                  [&](int c, int r, opmath_t sum) {
+                    const opmath_t x = static_cast<opmath_t>(a.x(r + w.top, c + w.left));
+                    y[r * stride + c] = static_cast<scalar_t>(powers(x, denominator(k, sum), k.neg_beta));
+                  });
+    return powers.missed;
+  };
+  if (__syncthreads_or(write_output(FastPowers()))) {
+    write_output(ExactPowers());
+  }
 }
 
 // The gradient. Relative to the tile, G is needed over M's halo, and T there over W's halo beyond
@@ -251,7 +222,7 @@ struct BackwardPasses {
 
 // dX = dY*P - gradient_scale * X * (M-window sum of G), P = T^-beta, G = dY*X*P/T.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxThreads)
+__global__ void __launch_bounds__(kMaxThreads, 2)
     backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
                     scalar_t* __restrict__ grad_input, TileGrid grid, BackwardPasses passes, Extents w,
                     Coefficients<at::opmath_type<scalar_t>> k) {
@@ -268,73 +239,96 @@ __global__ void __launch_bounds__(kMaxThreads)
   wait_for_copies();
   __syncthreads();
 
-  bool direct = sum_along_rows(passes.x_rows, a.x, x_region.rows, g_region.columns, w.width(), Square<scalar_t>(),
-                               [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
-  slide_windows(passes.t_columns, a.row_sums, true, g_region.columns, g_region.rows, w.height(), direct, Identity(),
-                [&](int c, int r, opmath_t sum) {
-                  const auto powers = negative_powers(k.delta + k.scale * sum, k.neg_beta);
-                  const opmath_t dy = a.dy(r, c);
-                  const opmath_t dy_x = dy * static_cast<opmath_t>(a.x(r + w.top, c + w.left));
-                  // Outside the plane dY and X were loaded as 0: G is 0 there, whatever T is.
-                  a.g(r, c) = dy_x == opmath_t(0) ? opmath_t(0) : dy_x * powers.power_over_t;
-                  a.dy(r, c) = dy * powers.power;
-                });
+  slide_windows(passes.x_rows, a.x, false, x_region.rows, g_region.columns, w.width(), Square<scalar_t>(),
+                [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
   __syncthreads();
+  // G exists in the plane only: beyond it the sum over M takes G as 0, whatever T is there.
+  const Inside g_in_plane(g_region, grid.height, grid.width);
+  const auto make_g = [&](auto powers) {
+    slide_windows(passes.t_columns, a.row_sums, true, g_region.columns, g_region.rows, w.height(), Identity(),
+                  [&](int c, int r, opmath_t sum) {
+                    const PowerBase<opmath_t> t = denominator(k, sum);
+                    const opmath_t dy = a.dy(r, c);
+                    const opmath_t x = static_cast<opmath_t>(a.x(r + w.top, c + w.left));
+                    const opmath_t g = powers(dy * x, t, k.g_exponent);
+                    a.g(r, c) = g_in_plane(r, c) ? g : opmath_t(0);
+                    a.dy(r, c) = powers(dy, t, k.neg_beta);
+                  });
+    return powers.missed;
+  };
+  if (__syncthreads_or(make_g(FastPowers()))) {
+    // The first try replaced dY by dY * T^-beta: load dY again.
+    load_region(a.dy, grad_output + offset, grid.height, grid.width, g_region, passes.dy);
+    __syncthreads();
+    make_g(ExactPowers());
+    __syncthreads();
+  }
 
-  direct = sum_along_rows(passes.g_rows, a.g, g_region.rows, tile.columns, w.width(), Identity(),
-                          [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
+  slide_windows(passes.g_rows, a.g, false, g_region.rows, tile.columns, w.width(), Identity(),
+                [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
+  __syncthreads();
   scalar_t* dx = grad_input + offset + tile.row0 * grid.width + tile.col0;
   const int stride = static_cast<int>(grid.width);
-  slide_windows(passes.tile_columns, a.row_sums, true, tile.columns, tile.rows, w.height(), direct, Identity(),
+  slide_windows(passes.tile_columns, a.row_sums, true, tile.columns, tile.rows, w.height(), Identity(),
                 [&](int c, int r, opmath_t sum) {
+                  const opmath_t dy_p = a.dy(r + w.bottom, c + w.right);
                   const opmath_t x = static_cast<opmath_t>(a.x(r + w.height() - 1, c + w.width() - 1));
-                  dx[r * stride + c] =
-                      static_cast<scalar_t>(a.dy(r + w.bottom, c + w.right) - k.gradient_scale * x * sum);
+                  // With alpha or beta 0 the second term is absent, whatever G's sum holds.
+                  dx[r * stride + c] = static_cast<scalar_t>(
+                      k.gradient_scale == opmath_t(0) ? dy_p : dy_p - k.gradient_scale * x * sum);
                 });
 }
 
-// The composite used where a window is too wide for a tile: window sums by zero padding and
-// sum pooling, in the compute type.
-at::Tensor window_sum(const at::Tensor& values, const Settings& s, bool mirrored) {
-  WindowExtent cols = forward_extent(s.kernel_width);
-  WindowExtent rows = forward_extent(s.kernel_height);
+// The composite used where a window is too wide for a tile, in float64 so that no power or
+// product of the formula overflows where the exact result is finite: window sums by zero
+// padding and sum pooling (each window summed on its own), then the rules of
+// docs/definition.md ("Edge cases").
+at::Tensor window_sum(const at::Tensor& values, Extents w, bool mirrored) {
   if (mirrored) {
-    cols = spatialnorm::mirrored(cols);
-    rows = spatialnorm::mirrored(rows);
+    w = {w.right, w.left, w.bottom, w.top};
   }
-  const at::Tensor padded = at::constant_pad_nd(values, {cols.before, cols.after, rows.before, rows.after}, 0);
-  return at::avg_pool2d(padded, {s.kernel_height, s.kernel_width}, {1, 1}, {0, 0}, false, true, 1);
+  const at::Tensor padded = at::constant_pad_nd(values, {w.left, w.right, w.top, w.bottom}, 0);
+  return at::avg_pool2d(padded, {w.height(), w.width()}, {1, 1}, {0, 0}, false, true, 1);
 }
 
-at::Tensor composite_denominator(const at::Tensor& x, const Settings& s) {
-  return window_sum(x * x, s, false) * (s.alpha / s.window_size()) + s.delta;
+at::Tensor composite_power(const at::Tensor& t, double exponent) {
+  return at::where(t <= 0, std::numeric_limits<double>::quiet_NaN(), t.pow(exponent));
 }
 
-at::Tensor composite_forward(const at::Tensor& input, const Settings& s) {
-  const at::Tensor x = input.to(at::toOpMathType(input.scalar_type()));
-  return (x * composite_denominator(x, s).pow(-s.beta)).to(input.scalar_type());
+at::Tensor composite_denominator(const at::Tensor& x, Extents w, const Settings& s) {
+  if (s.alpha == 0) {
+    return at::full_like(x, s.delta);
+  }
+  return window_sum(x * x, w, false) * (s.alpha / s.window_size()) + s.delta;
 }
 
-at::Tensor composite_backward(const at::Tensor& grad_output, const at::Tensor& input, const Settings& s) {
-  const auto opmath = at::toOpMathType(input.scalar_type());
-  const at::Tensor x = input.to(opmath);
-  const at::Tensor dy = grad_output.to(opmath);
-  const at::Tensor t = composite_denominator(x, s);
-  const at::Tensor power = t.pow(-s.beta);
-  const at::Tensor neighbours = window_sum(dy * x * power / t, s, true);
+at::Tensor composite_forward(const at::Tensor& input, Extents w, const Settings& s) {
+  const at::Tensor x = input.to(at::kDouble);
+  return (x * composite_power(composite_denominator(x, w, s), -s.beta)).to(input.scalar_type());
+}
+
+at::Tensor composite_backward(const at::Tensor& grad_output, const at::Tensor& input, Extents w, const Settings& s) {
+  const at::Tensor x = input.to(at::kDouble);
+  const at::Tensor dy = grad_output.to(at::kDouble);
+  const at::Tensor t = composite_denominator(x, w, s);
+  const at::Tensor first = dy * composite_power(t, -s.beta);
   const double gradient_scale = 2.0 * s.alpha * s.beta / s.window_size();
-  return (dy * power - x * neighbours * gradient_scale).to(input.scalar_type());
+  if (gradient_scale == 0) {
+    return first.to(input.scalar_type());
+  }
+  const at::Tensor neighbours = window_sum(dy * x * composite_power(t, -s.beta - 1.0), w, true);
+  return (first - x * neighbours * gradient_scale).to(input.scalar_type());
 }
 
 template <typename opmath_t>
 Coefficients<opmath_t> coefficients(const Settings& s) {
   return {static_cast<opmath_t>(s.alpha / s.window_size()), static_cast<opmath_t>(s.delta),
-          static_cast<opmath_t>(-s.beta), static_cast<opmath_t>(2.0 * s.alpha * s.beta / s.window_size())};
+          static_cast<opmath_t>(-s.beta), static_cast<opmath_t>(-s.beta - 1.0), static_cast<opmath_t>(2.0 * s.alpha * s.beta / s.window_size())};
 }
 
-Extents extents(const Settings& s) {
-  const WindowExtent cols = forward_extent(s.kernel_width);
-  const WindowExtent rows = forward_extent(s.kernel_height);
+Extents extents(const Settings& s, const PlaneShape& shape) {
+  const WindowExtent cols = clipped_forward_extent(s.kernel_width, shape.width);
+  const WindowExtent rows = clipped_forward_extent(s.kernel_height, shape.height);
   return {static_cast<int>(cols.before), static_cast<int>(cols.after), static_cast<int>(rows.before),
           static_cast<int>(rows.after)};
 }
@@ -430,14 +424,15 @@ at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel
     return output.finish();
   }
   const at::Tensor x = input.contiguous();
+  const Extents w = extents(settings, shape);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_forward_cuda", [&] {
-    const auto launch = plan<ForwardArrays<scalar_t>, ForwardPasses>(shape, extents(settings), vector_width<scalar_t>(false, shape, {&x}));
+    const auto launch = plan<ForwardArrays<scalar_t>, ForwardPasses>(shape, w, vector_width<scalar_t>(false, shape, {&x}));
     if (!launch) {
-      output.contiguous().copy_(composite_forward(x, settings));
+      output.contiguous().copy_(composite_forward(x, w, settings));
       return;
     }
     launch_kernel(forward_kernel<scalar_t>, *launch, shape.planes, x.const_data_ptr<scalar_t>(),
-                  output.contiguous().mutable_data_ptr<scalar_t>(), launch->grid, launch->passes, extents(settings),
+                  output.contiguous().mutable_data_ptr<scalar_t>(), launch->grid, launch->passes, w,
                   coefficients<at::opmath_type<scalar_t>>(settings));
   });
   return output.finish();
@@ -455,15 +450,16 @@ at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& input, int6
   }
   const at::Tensor x = input.contiguous();
   const at::Tensor dy = grad_output.contiguous();
+  const Extents w = extents(settings, shape);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_backward_cuda", [&] {
-    const auto launch = plan<BackwardArrays<scalar_t>, BackwardPasses>(shape, extents(settings), vector_width<scalar_t>(true, shape, {&x, &dy}));
+    const auto launch = plan<BackwardArrays<scalar_t>, BackwardPasses>(shape, w, vector_width<scalar_t>(true, shape, {&x, &dy}));
     if (!launch) {
-      grad_input.contiguous().copy_(composite_backward(dy, x, settings));
+      grad_input.contiguous().copy_(composite_backward(dy, x, w, settings));
       return;
     }
     launch_kernel(backward_kernel<scalar_t>, *launch, shape.planes, dy.const_data_ptr<scalar_t>(),
                   x.const_data_ptr<scalar_t>(), grad_input.contiguous().mutable_data_ptr<scalar_t>(), launch->grid,
-                  launch->passes, extents(settings), coefficients<at::opmath_type<scalar_t>>(settings));
+                  launch->passes, w, coefficients<at::opmath_type<scalar_t>>(settings));
   });
   return grad_input.finish();
 }
