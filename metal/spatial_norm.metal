@@ -1,11 +1,11 @@
 // Metal kernels of torch_spatialnorm: MPSCNNSpatialNormalization and its gradient (docs/definition.md).
 //
 // Each direction runs as separable passes over (plane, row) and (plane, column) lines: one
-// thread per line keeps a running window sum along it, so the work per element does not depend
-// on the kernel size. Inputs and outputs are float, half or bfloat; all arithmetic is float32.
+// thread per line walks the windows along it with sums that never subtract (LineWindow).
+// Inputs and outputs are float, half or bfloat; all arithmetic is float32.
 //
 //   forward:  row_sums_of_squares  -> forward_from_row_sums
-//   gradient: row_sums_of_squares  -> gradient_terms (T^-beta and G = dY*X*T^(-beta-1))
+//   gradient: row_sums_of_squares  -> gradient_terms (dY*T^-beta and G = dY*X*T^(-beta-1))
 //             row_sums (of G, mirrored window) -> gradient_from_row_sums
 //
 // Every kernel parameter has [[buffer(i)]] equal to its position, the order in which
@@ -14,73 +14,63 @@
 #include <metal_stdlib>
 using namespace metal;
 
-// A window sum that slides along a line: values enter and leave it one at a time.
-// Float32 running sums drift, so the sum is Kahan-compensated. NaN and infinities are counted
-// rather than added: once added, an infinity would never leave the sum (inf - inf is NaN).
-struct SlidingSum {
-  float sum = 0.0f;
-  float compensation = 0.0f;
-  int nans = 0;
-  int positive_infinities = 0;
-  int negative_infinities = 0;
-
-  void add(float value, int sign) {
-    if (isnan(value)) {
-      nans += sign;
-    } else if (isinf(value)) {
-      if (value > 0.0f) {
-        positive_infinities += sign;
-      } else {
-        negative_infinities += sign;
-      }
-    } else {
-      const float y = float(sign) * value - compensation;
-      const float t = sum + y;
-      compensation = (t - sum) - y;
-      sum = t;
-    }
-  }
-
-  float value() const {
-    if (nans > 0 || (positive_infinities > 0 && negative_infinities > 0)) {
-      return NAN;
-    }
-    if (positive_infinities > 0) {
-      return INFINITY;
-    }
-    return negative_infinities > 0 ? -INFINITY : sum;
-  }
-};
+// Consecutive windows of a line that share a chunk: the size of LineWindow's suffix array.
+enum : int { kMaxChunk = 8 };
 
 // Window sums of f(line[i]) over [i - before, i + after] along a line of `length` elements
-// `stride` apart, parts outside the line counting as zero. Call next(i) for i = 0, 1, 2, ...
+// `stride` apart, parts outside the line counting as zero; next() returns window 0, 1, 2, ...
 // (MSL has no lambdas, so the walk is an object the caller steps.)
+//
+// The sums never subtract: a running sum that drops the leaving value keeps the rounding error
+// of a large value long after the value left the window, and an infinity would never leave it.
+// Windows go in chunks of `chunk` = min(window, kMaxChunk) consecutive ones: window i0 + t is
+// the chunk's suffix from its term t (kept in `suffix`) plus the terms from `chunk` to
+// t + window - 1, which every later window of the chunk shares and which grow by one term per
+// window. Each sum is made of its own window's terms only, about (window + chunk) / chunk terms
+// read per window.
 template <typename T, typename F>
 struct LineWindow {
   device const T* line;
   long length;
   long stride;
-  long before;
-  long after;
-  SlidingSum window;
+  long window;
+  int chunk;
+  int position;  // of the next window in its chunk
+  long first;    // line index of the current chunk's first term
+  float suffix[kMaxChunk];
+  float beyond;
 
-  LineWindow(device const T* line_, long length_, long stride_, long before_, long after_)
-      : line(line_), length(length_), stride(stride_), before(before_), after(after_) {
-    for (long i = 0; i < min(after, length); ++i) {
-      window.add(F()(line[i * stride]), 1);
+  LineWindow(device const T* line_, long length_, long stride_, long before, long after)
+      : line(line_), length(length_), stride(stride_), window(before + after + 1),
+        chunk(int(min(before + after + 1, long(kMaxChunk)))), position(0), first(-before), beyond(0.0f) {
+    start_chunk();
+  }
+
+  float term(long i) const {
+    return i >= 0 && i < length ? F()(line[i * stride]) : 0.0f;
+  }
+
+  void start_chunk() {
+    float sum = 0.0f;
+    for (int t = chunk - 1; t >= 0; --t) {
+      sum = term(first + t) + sum;
+      suffix[t] = sum;
+    }
+    beyond = 0.0f;
+    for (long j = chunk; j < window; ++j) {
+      beyond += term(first + j);
     }
   }
 
-  float next(long i) {
-    const long entering = i + after;
-    const long leaving = i - before - 1;
-    if (entering < length) {
-      window.add(F()(line[entering * stride]), 1);
+  float next() {
+    if (position == chunk) {
+      first += chunk;
+      position = 0;
+      start_chunk();
+    } else if (position > 0) {
+      beyond += term(first + position + window - 1);
     }
-    if (leaving >= 0) {
-      window.add(F()(line[leaving * stride]), -1);
-    }
-    return window.value();
+    return suffix[position++] + beyond;
   }
 };
 
@@ -99,10 +89,38 @@ struct AsFloat {
   }
 };
 
-// T^-beta. compile_shader builds with precise math, but a user may turn fast math on, whose pow
-// is far less accurate for large exponents: precise::pow keeps T^-beta exact to float32 either way.
-inline float negative_power(float t, float neg_beta) {
-  return precise::pow(t, neg_beta);
+// T = delta + scale * (window sum of X^2); just delta when alpha (so scale) is 0, whatever the
+// window holds (also infinities or NaN).
+inline float denominator(float window_sum, float scale, float delta) {
+  return scale == 0.0f ? delta : delta + scale * window_sum;
+}
+
+// a * t^e, exact wherever the product is a finite float (docs/definition.md): NaN where t <= 0;
+// a where e = 0 (pow(t, 0) is 1 even for an infinite or NaN t); and where t is subnormal or t^e
+// alone leaves float's normal range (t = 1e-8, e = -5: 1e40), the product of a's fraction and
+// 2^r, |r| <= 1/2, scaled by a's exponent plus the rest of e * log2(t), so that 0 * t^e is 0 and
+// 1e-20 * 1e40 is 1e20. compile_shader builds with precise math, but a user may turn fast math
+// on, whose pow is far less accurate for large exponents: precise:: keeps float32 accuracy.
+inline float times_power(float a, float t, float e) {
+  if (!(t > 0.0f) && !isnan(t)) {
+    return NAN;
+  }
+  if (e == 0.0f) {
+    return a;
+  }
+  const bool subnormal = t < FLT_MIN;
+  if (!subnormal) {
+    const float power = precise::pow(t, e);
+    if (isnormal(power) || !isfinite(t)) {
+      return a * power;
+    }
+  }
+  const float log2_t = subnormal ? precise::log2(t * 16777216.0f) - 24.0f : precise::log2(t);
+  const float l = clamp(e * log2_t, -400.0f, 400.0f);  // beyond, a * 2^l is 0 or infinite for any float a
+  const float whole = rint(l);
+  int exponent = 0;
+  const float fraction = frexp(a, exponent);
+  return ldexp(fraction * precise::exp2(l - whole), exponent + int(whole));
 }
 
 // One thread per (plane, row): sums along the row over [x - before, x + after], f applied first.
@@ -115,7 +133,7 @@ void row_sums_impl(device const T* input, device float* sums, long width, long l
   const long start = long(index) * width;
   LineWindow<T, F> window(input + start, width, 1, before, after);
   for (long x = 0; x < width; ++x) {
-    sums[start + x] = window.next(x);
+    sums[start + x] = window.next();
   }
 }
 
@@ -155,20 +173,22 @@ kernel void forward_from_row_sums(device const T* input [[buffer(0)]], device co
   LineWindow<float, AsFloat> window(row_sums + start, height, width, before, after);
   for (long y = 0; y < height; ++y) {
     const long i = start + y * width;
-    const float t = delta + scale * window.next(y);
-    output[i] = static_cast<T>(static_cast<float>(input[i]) * negative_power(t, neg_beta));
+    const float t = denominator(window.next(), scale, delta);
+    output[i] = static_cast<T>(times_power(static_cast<float>(input[i]), t, neg_beta));
   }
 }
 
-// One thread per (plane, column): P = T^-beta and G = dY * X * T^(-beta-1).
+// One thread per (plane, column): dY * T^-beta and G = dY * X * T^(-beta-1), each taken as one
+// product with its power (T^-beta alone can overflow where dY * T^-beta is finite).
 template <typename T>
 kernel void gradient_terms(device const T* grad_output [[buffer(0)]], device const T* input [[buffer(1)]],
-                           device const float* row_sums [[buffer(2)]], device float* powers [[buffer(3)]],
+                           device const float* row_sums [[buffer(2)]], device float* scaled_gradient [[buffer(3)]],
                            device float* terms [[buffer(4)]], constant long& width [[buffer(5)]],
                            constant long& height [[buffer(6)]], constant long& columns [[buffer(7)]],
                            constant long& before [[buffer(8)]], constant long& after [[buffer(9)]],
                            constant float& scale [[buffer(10)]], constant float& delta [[buffer(11)]],
-                           constant float& neg_beta [[buffer(12)]], uint index [[thread_position_in_grid]]) {
+                           constant float& neg_beta [[buffer(12)]], constant float& g_exponent [[buffer(13)]],
+                           uint index [[thread_position_in_grid]]) {
   if (long(index) >= columns) {
     return;
   }
@@ -176,21 +196,21 @@ kernel void gradient_terms(device const T* grad_output [[buffer(0)]], device con
   LineWindow<float, AsFloat> window(row_sums + start, height, width, before, after);
   for (long y = 0; y < height; ++y) {
     const long i = start + y * width;
-    const float t = delta + scale * window.next(y);
-    const float power = negative_power(t, neg_beta);
-    powers[i] = power;
-    terms[i] = static_cast<float>(grad_output[i]) * static_cast<float>(input[i]) * (power / t);
+    const float t = denominator(window.next(), scale, delta);
+    const float dy = static_cast<float>(grad_output[i]);
+    scaled_gradient[i] = times_power(dy, t, neg_beta);
+    terms[i] = times_power(dy * static_cast<float>(input[i]), t, g_exponent);
   }
 }
 
-// One thread per (plane, column): dX = dY * P - gradient_scale * X * (mirrored window sum of G).
+// One thread per (plane, column): dX = dY * T^-beta - gradient_scale * X * (mirrored window sum
+// of G); with alpha or beta 0 (gradient_scale 0) the second term is absent, whatever G holds.
 template <typename T>
-kernel void gradient_from_row_sums(device const T* grad_output [[buffer(0)]], device const T* input [[buffer(1)]],
-                                   device const float* powers [[buffer(2)]], device const float* term_row_sums [[buffer(3)]],
-                                   device T* grad_input [[buffer(4)]], constant long& width [[buffer(5)]],
-                                   constant long& height [[buffer(6)]], constant long& columns [[buffer(7)]],
-                                   constant long& before [[buffer(8)]], constant long& after [[buffer(9)]],
-                                   constant float& gradient_scale [[buffer(10)]],
+kernel void gradient_from_row_sums(device const T* input [[buffer(0)]], device const float* scaled_gradient [[buffer(1)]],
+                                   device const float* term_row_sums [[buffer(2)]], device T* grad_input [[buffer(3)]],
+                                   constant long& width [[buffer(4)]], constant long& height [[buffer(5)]],
+                                   constant long& columns [[buffer(6)]], constant long& before [[buffer(7)]],
+                                   constant long& after [[buffer(8)]], constant float& gradient_scale [[buffer(9)]],
                                    uint index [[thread_position_in_grid]]) {
   if (long(index) >= columns) {
     return;
@@ -199,8 +219,10 @@ kernel void gradient_from_row_sums(device const T* grad_output [[buffer(0)]], de
   LineWindow<float, AsFloat> window(term_row_sums + start, height, width, before, after);
   for (long y = 0; y < height; ++y) {
     const long i = start + y * width;
-    grad_input[i] = static_cast<T>(static_cast<float>(grad_output[i]) * powers[i] -
-                                   gradient_scale * static_cast<float>(input[i]) * window.next(y));
+    const float neighbours = window.next();
+    grad_input[i] = static_cast<T>(gradient_scale == 0.0f ? scaled_gradient[i]
+                                                          : scaled_gradient[i] - gradient_scale *
+                                                                static_cast<float>(input[i]) * neighbours);
   }
 }
 
@@ -217,17 +239,17 @@ kernel void gradient_from_row_sums(device const T* grad_output [[buffer(0)]], de
       uint index [[thread_position_in_grid]]);                                                                      \
   template [[host_name("gradient_terms_" #T)]] kernel void gradient_terms<T>(                                       \
       device const T* grad_output [[buffer(0)]], device const T* input [[buffer(1)]],                              \
-      device const float* row_sums [[buffer(2)]], device float* powers [[buffer(3)]], device float* terms [[buffer(4)]], \
-      constant long& width [[buffer(5)]], constant long& height [[buffer(6)]], constant long& columns [[buffer(7)]], \
-      constant long& before [[buffer(8)]], constant long& after [[buffer(9)]], constant float& scale [[buffer(10)]], \
-      constant float& delta [[buffer(11)]], constant float& neg_beta [[buffer(12)]],                               \
-      uint index [[thread_position_in_grid]]);                                                                      \
-  template [[host_name("gradient_from_row_sums_" #T)]] kernel void gradient_from_row_sums<T>(                       \
-      device const T* grad_output [[buffer(0)]], device const T* input [[buffer(1)]],                              \
-      device const float* powers [[buffer(2)]], device const float* term_row_sums [[buffer(3)]],                   \
-      device T* grad_input [[buffer(4)]], constant long& width [[buffer(5)]], constant long& height [[buffer(6)]],  \
+      device const float* row_sums [[buffer(2)]], device float* scaled_gradient [[buffer(3)]],                     \
+      device float* terms [[buffer(4)]], constant long& width [[buffer(5)]], constant long& height [[buffer(6)]],  \
       constant long& columns [[buffer(7)]], constant long& before [[buffer(8)]], constant long& after [[buffer(9)]], \
-      constant float& gradient_scale [[buffer(10)]], uint index [[thread_position_in_grid]]);
+      constant float& scale [[buffer(10)]], constant float& delta [[buffer(11)]], constant float& neg_beta [[buffer(12)]], \
+      constant float& g_exponent [[buffer(13)]], uint index [[thread_position_in_grid]]);                          \
+  template [[host_name("gradient_from_row_sums_" #T)]] kernel void gradient_from_row_sums<T>(                       \
+      device const T* input [[buffer(0)]], device const float* scaled_gradient [[buffer(1)]],                      \
+      device const float* term_row_sums [[buffer(2)]], device T* grad_input [[buffer(3)]],                         \
+      constant long& width [[buffer(4)]], constant long& height [[buffer(5)]], constant long& columns [[buffer(6)]], \
+      constant long& before [[buffer(7)]], constant long& after [[buffer(8)]],                                     \
+      constant float& gradient_scale [[buffer(9)]], uint index [[thread_position_in_grid]]);
 
 INSTANTIATE_FOR(float)
 INSTANTIATE_FOR(half)

@@ -1,8 +1,8 @@
 """Exact whatever the data: each output depends only on its window, nothing overflows or becomes
 NaN where the exact result is finite, and the edge cases have one rule on every dtype.
 
-Every device's kernels against the float64 reference (the CPU's, CUDA's where a GPU is present),
-on targeted cases (spikes of huge values, 0 times a huge power, subnormal T) and on
+Every device's kernels against the float64 reference (the CPU's, the Metal ones in the emulator,
+CUDA's where a GPU is present), on targeted cases (spikes of huge values, 0 times a huge power, subnormal T) and on
 property-based examples over shapes, windows, dtypes and settings.
 """
 
@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import torch_spatialnorm as sn
 from helpers import expected_forward, expected_gradient
+from torch_spatialnorm.mps import MetalKernels
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Per-element error bars, relative to the magnitude of the terms that make each result.
@@ -23,8 +24,11 @@ ELEMENT_TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4
 class Backend:
     """Runs the forward, the gradient op and autograd of one device's kernels on CPU tensors."""
 
+    dtypes = DTYPES
+
     def __init__(self, device):
         self.device = device
+        self.float32_intermediates = device != "cpu"
 
     def forward(self, x, *args, **kwargs):
         return sn.spatial_normalization(x.to(self.device), *args, **kwargs).cpu()
@@ -38,11 +42,46 @@ class Backend:
         return dx.cpu()
 
 
-@pytest.fixture(params=["cpu", "cuda"])
+def _settings(kernel_width, kernel_height=None, alpha=1.0, beta=5.0, delta=1.0):
+    return kernel_width, kernel_width if kernel_height is None else kernel_height, alpha, beta, delta
+
+
+class MetalBackend:
+    """The Metal kernels through their mps host code, run by the emulator (Metal has no float64)."""
+
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    float32_intermediates = True
+
+    def __init__(self, library):
+        self.kernels = MetalKernels(library)
+
+    def forward(self, x, *args, **kwargs):
+        return self.kernels.forward(x, *_settings(*args, **kwargs))
+
+    def gradient(self, dy, x, *args, **kwargs):
+        return self.kernels.backward(dy, x, *_settings(*args, **kwargs))
+
+
+BACKENDS = {"cpu": DTYPES, "cuda": DTYPES, "metal": MetalBackend.dtypes}
+
+
+@pytest.fixture(params=list(BACKENDS))
 def backend(request):
     if request.param == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs an NVIDIA GPU (CUDA)")
+    if request.param == "metal":
+        return MetalBackend(request.getfixturevalue("emulated_library"))
     return Backend(request.param)
+
+
+def on_backends(cases, dtype_of=lambda case: case[0]):
+    """(backend, *case) for every backend whose kernels take the case's dtype."""
+    return [
+        pytest.param(name, *case, id=f"{name}-{i}")
+        for name, dtypes in BACKENDS.items()
+        for i, case in enumerate(cases)
+        if dtype_of(case) in dtypes
+    ]
 
 
 def forward_and_gradient(backend, x, dy, kernel, alpha, beta, delta):
@@ -50,9 +89,7 @@ def forward_and_gradient(backend, x, dy, kernel, alpha, beta, delta):
     return backend.forward(x, kw, kh, alpha, beta, delta), backend.gradient(dy, x, kw, kh, alpha, beta, delta)
 
 
-@pytest.mark.parametrize(
-    "x,kernel,settings,expected",
-    [
+REPROS = [
         # A spike's rounding error stayed in running sums after it left the window.
         (torch.tensor([[[1.0, 3e8, 1, 1, 1, 1, 1, 1]]]), 3, {}, None),
         (torch.tensor([[[1e4, 1e-4]]], dtype=torch.float64), 1, dict(beta=0.5, delta=1e-10), None),
@@ -60,7 +97,11 @@ def forward_and_gradient(backend, x, dy, kernel, alpha, beta, delta):
         (torch.zeros(1, 3, 3), 3, dict(beta=5.0, delta=1e-8), torch.zeros(1, 3, 3)),
         # A subnormal T in float32.
         (torch.tensor([[[1e-20]]]), 1, dict(beta=0.5, delta=1e-39), torch.tensor([[[0.30151134]]])),
-    ],
+]
+
+
+@pytest.mark.parametrize(
+    "backend,x,kernel,settings,expected", on_backends(REPROS, lambda case: case[0].dtype), indirect=["backend"]
 )
 def test_forward_repros(backend, x, kernel, settings, expected):
     got = backend.forward(x, kernel, **settings)
@@ -93,12 +134,15 @@ def test_infinite_input_with_negative_beta(backend, beta):
     """T^(-beta-1) at T = inf is 0 or inf, not inf/inf: the gradient is what the formula says."""
     x = torch.tensor([[[1.0, float("inf"), 2.0, 0.5]]], dtype=torch.float64)
     dy = torch.tensor([[[1.0, 1.0, -1.0, 2.0]]], dtype=torch.float64)
-    for dtype in (torch.float64, torch.float32):
+    for dtype in [dtype for dtype in (torch.float64, torch.float32) if dtype in backend.dtypes]:
         got = backend.gradient(dy.to(dtype), x.to(dtype), 3, beta=beta)
         torch.testing.assert_close(got.double(), expected_gradient(dy, x, 3, 3, 1.0, beta, 1.0), equal_nan=True)
 
 
-@pytest.mark.parametrize("dtype,spike", [(torch.float32, 1e30), (torch.float64, 1e300), (torch.float16, 6e4)])
+@pytest.mark.parametrize(
+    "backend,dtype,spike", on_backends([(torch.float32, 1e30), (torch.float64, 1e300), (torch.float16, 6e4)]),
+    indirect=["backend"],
+)
 @pytest.mark.parametrize("kernel", [(3, 3), (5, 4), (12, 9)])
 def test_a_spike_changes_no_window_that_does_not_hold_it(backend, dtype, spike, kernel, generator):
     shape = (1, 2, 40, 37)
@@ -124,7 +168,7 @@ def test_a_spike_changes_no_window_that_does_not_hold_it(backend, dtype, spike, 
         )
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend,dtype", on_backends([(dtype,) for dtype in DTYPES]), indirect=["backend"])
 def test_nonpositive_t_is_nan_on_every_dtype(backend, dtype):
     """delta <= 0: T <= 0 is undefined (as in MPS); every device and dtype gives NaN there."""
     x = torch.tensor([[[0.0, 3.0, 0.0, 0.0, 0.0]]], dtype=dtype)
@@ -144,13 +188,15 @@ def test_double_backward_of_empty_tensors(shape):
 
 
 def test_huge_kernel_sizes_are_windows_larger_than_the_image(backend, generator):
-    x = torch.randn(1, 2, 5, 7, generator=generator, dtype=torch.float64)
-    dy = torch.randn(1, 2, 5, 7, generator=generator, dtype=torch.float64)
+    dtype = backend.dtypes[0]  # the most precise the kernels take
+    x = torch.randn(1, 2, 5, 7, generator=generator, dtype=torch.float64).to(dtype)
+    dy = torch.randn(1, 2, 5, 7, generator=generator, dtype=torch.float64).to(dtype)
     for kernel in [(2**31 - 1, 5), (3, 2**31 - 1)]:
         settings = dict(alpha=1e9, beta=0.75, delta=1.0)
         y, dx = forward_and_gradient(backend, x, dy, kernel, **settings)
-        torch.testing.assert_close(y, expected_forward(x, *kernel, **settings))
-        torch.testing.assert_close(dx, expected_gradient(dy, x, *kernel, **settings))
+        tolerance = dict(rtol=ELEMENT_TOLERANCE[dtype], atol=0)
+        torch.testing.assert_close(y.double(), expected_forward(x, *kernel, **settings), **tolerance)
+        torch.testing.assert_close(dx.double(), expected_gradient(dy, x, *kernel, **settings), **tolerance)
 
 
 # Property-based: the float64 reference as the oracle, and an error bar per element scaled by the
@@ -170,7 +216,25 @@ def _term_scales(x, dy, kw, kh, alpha, beta, delta):
     return (x * t.pow(-beta)).abs(), first + c * x.abs() * neighbours
 
 
-def _assert_close_elementwise(got, expected, scale, dtype):
+def _gradient_intermediates_fit_float32(x, dy, kw, kh, alpha, beta, delta):
+    """Where dY T^-beta, G = dY X T^(-beta-1), its sums over M and c X (sum of G) all lie within
+    float32's range: the GPUs keep them in float32 (docs/definition.md), the CPU in double."""
+    x, dy = x.double(), dy.double()
+    t = sn.reference.denominator(x, kw, kh, alpha, delta)
+    largest = torch.finfo(torch.float32).max
+    fits = (dy.abs() * sn.reference.power(t, -beta)).nan_to_num(0.0) <= largest
+    c = 2.0 * alpha * abs(beta) / (kw * kh)
+    if c != 0:
+        g = ((dy * x).abs() * sn.reference.power(t, -beta - 1.0)).nan_to_num(0.0).clamp_max(largest * 2)
+        neighbours = sn.reference.window_sum(g, kw, kh, mirrored=True)
+        fits &= (neighbours <= largest) & (c * x.abs() * neighbours <= largest)
+    return fits
+
+
+def _assert_close_elementwise(got, expected, scale, dtype, compared=None):
+    """got == expected within the dtype's bar for each element (of those `compared`, if given)."""
+    if compared is not None:
+        got, expected, scale = got[compared], expected[compared], scale[compared]
     expected_in_dtype = expected.to(dtype).double()
     got = got.double()
     special = ~torch.isfinite(expected_in_dtype)
@@ -184,9 +248,16 @@ def _assert_close_elementwise(got, expected, scale, dtype):
     assert (excess <= 0).all(), f"largest excess {excess.max().item():.3g} over the bar"
 
 
+def _assert_gradient_close(backend, dx, dy, x, kw, kh, settings_, scale, dtype):
+    compared = None
+    if backend.float32_intermediates and dtype != torch.float64:
+        compared = _gradient_intermediates_fit_float32(x, dy, kw, kh, **settings_)
+    _assert_close_elementwise(dx, expected_gradient(dy, x, kw, kh, **settings_), scale, dtype, compared)
+
+
 @st.composite
-def cases(draw):
-    dtype = draw(st.sampled_from(DTYPES))
+def cases(draw, dtypes):
+    dtype = draw(st.sampled_from(dtypes))
     batch = draw(st.sampled_from([(), (1,), (2,)]))
     channels, height, width = draw(st.integers(0, 2)), draw(st.integers(0, 9)), draw(st.integers(0, 9))
     kw, kh = draw(st.integers(1, 12)), draw(st.integers(1, 12))
@@ -218,9 +289,9 @@ PROPERTY_SETTINGS = settings(
 
 
 @PROPERTY_SETTINGS
-@given(case=cases())
-def test_forward_and_gradient_op_match_the_reference(backend, case):
-    dtype, shape, (kw, kh), settings_, scale, seed, spike = case
+@given(data=st.data())
+def test_forward_and_gradient_op_match_the_reference(backend, data):
+    dtype, shape, (kw, kh), settings_, scale, seed, spike = data.draw(cases(backend.dtypes))
     x, dy = _inputs(dtype, shape, scale, seed, spike)
     y, dx = forward_and_gradient(backend, x, dy, (kw, kh), **settings_)
     assert y.shape == dx.shape == x.shape and y.dtype == dx.dtype == dtype
@@ -228,17 +299,18 @@ def test_forward_and_gradient_op_match_the_reference(backend, case):
         return
     y_scale, dx_scale = _term_scales(x, dy, kw, kh, **settings_)
     _assert_close_elementwise(y, expected_forward(x, kw, kh, **settings_), y_scale, dtype)
-    _assert_close_elementwise(dx, expected_gradient(dy, x, kw, kh, **settings_), dx_scale, dtype)
+    _assert_gradient_close(backend, dx, dy, x, kw, kh, settings_, dx_scale, dtype)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "cuda"], indirect=True)  # the mps autograd is the same C++ formula
 @PROPERTY_SETTINGS
-@given(case=cases())
-def test_autograd_matches_the_reference(backend, case):
-    dtype, shape, (kw, kh), settings_, scale, seed, spike = case
+@given(data=st.data())
+def test_autograd_matches_the_reference(backend, data):
+    dtype, shape, (kw, kh), settings_, scale, seed, spike = data.draw(cases(backend.dtypes))
     x, dy = _inputs(dtype, shape, scale, seed, spike)
     dx = backend.autograd(dy, x, kw, kh, **settings_)
     assert dx.shape == x.shape and dx.dtype == dtype
     if x.numel() == 0:
         return
     _, dx_scale = _term_scales(x, dy, kw, kh, **settings_)
-    _assert_close_elementwise(dx, expected_gradient(dy, x, kw, kh, **settings_), dx_scale, dtype)
+    _assert_gradient_close(backend, dx, dy, x, kw, kh, settings_, dx_scale, dtype)

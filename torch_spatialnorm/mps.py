@@ -27,9 +27,12 @@ def metal_source_path() -> Path:
     return packaged if packaged.exists() else Path(__file__).parent.parent / "metal" / "spatial_norm.metal"
 
 
-def _extents(kernel_size: int):
-    """(before, after): how far the forward window reaches either side of its centre."""
-    return kernel_size // 2, (kernel_size - 1) // 2
+def _extents(kernel_size: int, length: int):
+    """(before, after): how far the forward window reaches either side of its centre, along a
+    dimension of ``length`` pixels (a window reaching past the image sums what it would sum
+    reaching just to its edge)."""
+    last = max(length - 1, 0)
+    return min(kernel_size // 2, last), min((kernel_size - 1) // 2, last)
 
 
 class MetalKernels:
@@ -53,10 +56,11 @@ class MetalKernels:
 
     def _row_sums_of_squares(self, x, kernel_width):
         """Sums of x^2 along each row over the forward window's columns (float32)."""
-        planes_rows, width = x.numel() // x.shape[-1], x.shape[-1]
+        width = x.shape[-1]
+        planes_rows = x.numel() // width if width else 0
         sums = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         kernel = self._kernel("row_sums_of_squares", x.dtype)
-        self._dispatch(kernel, x, sums, width, planes_rows, *_extents(kernel_width), threads=planes_rows)
+        self._dispatch(kernel, x, sums, width, planes_rows, *_extents(kernel_width, width), threads=planes_rows)
         return sums
 
     def forward(self, input, kernel_width, kernel_height, alpha, beta, delta):
@@ -71,7 +75,7 @@ class MetalKernels:
         output = torch.empty_like(x)
         scale = alpha / (kernel_width * kernel_height)
         self._dispatch(
-            kernel, x, row_sums, output, width, height, columns, *_extents(kernel_height), scale, delta, -beta,
+            kernel, x, row_sums, output, width, height, columns, *_extents(kernel_height, height), scale, delta, -beta,
             threads=columns,
         )
         return laid_out_like(input, output)
@@ -86,23 +90,24 @@ class MetalKernels:
         height, width = x.shape[-2:]
         columns = x.numel() // height if height else 0
         row_sums = self._row_sums_of_squares(x, kernel_width)
-        powers = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        terms = torch.empty_like(powers)
+        scaled_gradient = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # dY * T^-beta
+        terms = torch.empty_like(scaled_gradient)
         window_size = kernel_width * kernel_height
         self._dispatch(
-            terms_kernel, dy, x, row_sums, powers, terms, width, height, columns, *_extents(kernel_height),
-            alpha / window_size, delta, -beta, threads=columns,
+            terms_kernel, dy, x, row_sums, scaled_gradient, terms, width, height, columns,
+            *_extents(kernel_height, height), alpha / window_size, delta, -beta, -beta - 1.0, threads=columns,
         )
         # The gradient's window M is the mirror of W: swap before and after.
         term_row_sums = row_sums  # the squares' row sums are no longer needed
         rows = x.numel() // width if width else 0
         self._dispatch(
-            self._library.row_sums, terms, term_row_sums, width, rows, *reversed(_extents(kernel_width)), threads=rows
+            self._library.row_sums, terms, term_row_sums, width, rows, *reversed(_extents(kernel_width, width)),
+            threads=rows,
         )
         grad_input = torch.empty_like(x)
         self._dispatch(
-            finish_kernel, dy, x, powers, term_row_sums, grad_input, width, height, columns,
-            *reversed(_extents(kernel_height)), 2.0 * alpha * beta / window_size, threads=columns,
+            finish_kernel, x, scaled_gradient, term_row_sums, grad_input, width, height, columns,
+            *reversed(_extents(kernel_height, height)), 2.0 * alpha * beta / window_size, threads=columns,
         )
         return laid_out_like(input, grad_input)
 
