@@ -187,6 +187,20 @@ def test_double_backward_of_empty_tensors(shape):
     assert grad_grad.shape == x.shape
 
 
+@pytest.mark.parametrize("alpha,beta", [(0.0, 2.0), (1.0, 0.0)])
+def test_double_backward_without_the_window_term(alpha, beta, generator):
+    """alpha or beta 0: dX = dY * T^-beta with T^-beta independent of X, whatever X holds."""
+    x = torch.randn(1, 2, 6, 5, generator=generator, dtype=torch.float64)
+    x[0, 0, 2, 2] = float("inf")
+    dy = torch.randn_like(x).requires_grad_(True)
+    x.requires_grad_(True)
+    dx = sn.spatial_normalization_gradient(dy, x, 3, alpha=alpha, beta=beta, delta=2.0)
+    v = torch.randn_like(x)
+    grad_dy, grad_x = torch.autograd.grad(dx, (dy, x), v)
+    torch.testing.assert_close(grad_dy, v * 2.0 ** -beta)
+    torch.testing.assert_close(grad_x, torch.zeros_like(x))
+
+
 def test_huge_kernel_sizes_are_windows_larger_than_the_image(backend, generator):
     dtype = backend.dtypes[0]  # the most precise the kernels take
     x = torch.randn(1, 2, 5, 7, generator=generator, dtype=torch.float64).to(dtype)

@@ -83,6 +83,8 @@ def _backward_backward(ctx, v):
     c = 2.0 * alpha * beta / (kernel_width * kernel_height)
     t = reference.denominator(x, kernel_width, kernel_height, alpha, delta)
     p = reference.power(t, -beta)
+    if c == 0:  # alpha or beta 0: dX = dY * T^-beta, and T^-beta does not depend on X
+        return v * p, torch.zeros_like(x), None, None, None, None, None
     q = reference.power(t, -beta - 1.0)
     r = reference.window_sum(dy * x * q, kernel_width, kernel_height, mirrored=True)
     u = reference.window_sum(x * v, kernel_width, kernel_height)
