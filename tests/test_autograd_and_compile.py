@@ -69,6 +69,30 @@ def test_compile_inductor_no_graph_break(generator):
     torch.testing.assert_close(f(x), sn.spatial_normalization(x * 2, 5, 3, alpha=0.5, beta=0.75) + 1)
 
 
+def test_compiled_module_takes_new_settings_without_a_graph_break(generator):
+    torch._dynamo.reset()
+    module = sn.SpatialNormalization(3, alpha=0.5, beta=0.75)
+    compiled = torch.compile(module, fullgraph=True)
+    x = random_image((2, 3, 8, 9), 1.0, generator, torch.float32)
+    torch.testing.assert_close(compiled(x), module(x))
+    module.alpha, module.beta, module.delta = 3.0, 1.5, 0.25
+    torch.testing.assert_close(compiled(x), module(x))
+    torch.testing.assert_close(compiled(x).double(), expected_forward(x, 3, 3, 3.0, 1.5, 0.25), rtol=1e-5, atol=1e-6)
+
+
+def test_dynamic_compile_with_symbolic_settings_and_sizes(generator):
+    torch._dynamo.reset()
+    f = torch.compile(
+        lambda t, alpha: sn.spatial_normalization(t, t.shape[-1] // 2, alpha=alpha, beta=0.75), fullgraph=True, dynamic=True
+    )
+    for shape, alpha in [((2, 3, 8, 9), 0.5), ((1, 2, 6, 11), 2.5), ((1, 1, 5, 7), 0.0)]:
+        x = random_image(shape, 1.0, generator, torch.float32)
+        expected = expected_forward(x, shape[-1] // 2, shape[-1] // 2, alpha, 0.75, 1.0)
+        torch.testing.assert_close(f(x, alpha).double(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="alpha must be finite and >= 0, got -1"):
+        f(x, -1.0)
+
+
 def test_export(generator):
     module = sn.SpatialNormalization(3, 5, alpha=0.5)
     x = random_image((1, 2, 8, 8), 1.0, generator, torch.float32)

@@ -17,13 +17,23 @@ MAX_KERNEL_SIZE = 2**31 - 1
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+# Under torch.compile, floats (and with dynamic shapes, sizes) may be symbols with no value yet:
+# their values are not checked while tracing, but by the operator's kernel when it runs.
+def _symbolic(value) -> bool:
+    return isinstance(value, (torch.SymInt, torch.SymFloat)) or torch.compiler.is_compiling()
+
+
 def check_kernel_size(name: str, value) -> int:
+    if isinstance(value, torch.SymInt):
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_KERNEL_SIZE:
         raise ValueError(f"{name} must be an integer in [1, {MAX_KERNEL_SIZE}], got {value!r}")
     return int(value)
 
 
 def _check_real(name: str, value) -> float:
+    if isinstance(value, torch.SymFloat):
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
@@ -31,14 +41,14 @@ def _check_real(name: str, value) -> float:
 
 def check_alpha(value) -> float:
     value = _check_real("alpha", value)
-    if not (math.isfinite(value) and value >= 0):
+    if not _symbolic(value) and not (math.isfinite(value) and value >= 0):
         raise ValueError(f"alpha must be finite and >= 0, got {value}")
     return value
 
 
 def check_finite(name: str, value) -> float:
     value = _check_real(name, value)
-    if not math.isfinite(value):
+    if not _symbolic(value) and not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
