@@ -13,6 +13,8 @@ namespace spatialnorm {
 struct WindowExtent {
   int64_t before;
   int64_t after;
+
+  int64_t span() const { return before + after + 1; }
 };
 
 // The forward window W: [p - k//2, p + (k-1)//2] (docs/definition.md).
@@ -20,10 +22,10 @@ inline WindowExtent forward_extent(int64_t kernel_size) {
   return {kernel_size / 2, (kernel_size - 1) / 2};
 }
 
-// W along a dimension of `size` >= 1 pixels: a window reaching past the image on a side sums what
-// it would sum reaching just to the image's edge (the divisor stays kw * kh).
-inline WindowExtent clipped_forward_extent(int64_t kernel_size, int64_t size) {
-  const WindowExtent extent = forward_extent(kernel_size);
+// A window along a dimension of `size` >= 1 pixels, clipped to it: reaching past the image on a
+// side sums what reaching just to its edge sums (the divisor stays kw * kh), and clipping bounds
+// what the kernels index and buffer.
+inline WindowExtent clipped(WindowExtent extent, int64_t size) {
   return {std::min(extent.before, size - 1), std::min(extent.after, size - 1)};
 }
 

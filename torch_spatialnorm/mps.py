@@ -12,6 +12,7 @@ import torch
 
 from . import _ops  # noqa: F401  (the op schema must exist before kernels are registered)
 from ._layout import laid_out_like
+from .reference import window_extent
 from ._validation import check_backward_arguments, check_forward_arguments
 
 # Kernel name suffix of each dtype the Metal source instantiates.
@@ -25,14 +26,6 @@ def metal_source_path() -> Path:
     """The Metal source: packaged beside this module when installed, in metal/ in a source tree."""
     packaged = Path(__file__).parent / "metal" / "spatial_norm.metal"
     return packaged if packaged.exists() else Path(__file__).parent.parent / "metal" / "spatial_norm.metal"
-
-
-def _extents(kernel_size: int, length: int):
-    """(before, after): how far the forward window reaches either side of its centre, along a
-    dimension of ``length`` pixels (a window reaching past the image sums what it would sum
-    reaching just to its edge)."""
-    last = max(length - 1, 0)
-    return min(kernel_size // 2, last), min((kernel_size - 1) // 2, last)
 
 
 class MetalKernels:
@@ -60,7 +53,7 @@ class MetalKernels:
         planes_rows = x.numel() // width if width else 0
         sums = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         kernel = self._kernel("row_sums_of_squares", x.dtype)
-        self._dispatch(kernel, x, sums, width, planes_rows, *_extents(kernel_width, width), threads=planes_rows)
+        self._dispatch(kernel, x, sums, width, planes_rows, *window_extent(kernel_width, width), threads=planes_rows)
         return sums
 
     def forward(self, input, kernel_width, kernel_height, alpha, beta, delta):
@@ -75,8 +68,8 @@ class MetalKernels:
         output = torch.empty_like(x)
         scale = alpha / (kernel_width * kernel_height)
         self._dispatch(
-            kernel, x, row_sums, output, width, height, columns, *_extents(kernel_height, height), scale, delta, -beta,
-            threads=columns,
+            kernel, x, row_sums, output, width, height, columns, *window_extent(kernel_height, height),
+            scale, delta, -beta, threads=columns,
         )
         return laid_out_like(input, output)
 
@@ -95,19 +88,19 @@ class MetalKernels:
         window_size = kernel_width * kernel_height
         self._dispatch(
             terms_kernel, dy, x, row_sums, scaled_gradient, terms, width, height, columns,
-            *_extents(kernel_height, height), alpha / window_size, delta, -beta, -beta - 1.0, threads=columns,
+            *window_extent(kernel_height, height), alpha / window_size, delta, -beta, -beta - 1.0, threads=columns,
         )
         # The gradient's window M is the mirror of W: swap before and after.
         term_row_sums = row_sums  # the squares' row sums are no longer needed
         rows = x.numel() // width if width else 0
         self._dispatch(
-            self._library.row_sums, terms, term_row_sums, width, rows, *reversed(_extents(kernel_width, width)),
+            self._library.row_sums, terms, term_row_sums, width, rows, *reversed(window_extent(kernel_width, width)),
             threads=rows,
         )
         grad_input = torch.empty_like(x)
         self._dispatch(
             finish_kernel, x, scaled_gradient, term_row_sums, grad_input, width, height, columns,
-            *reversed(_extents(kernel_height, height)), 2.0 * alpha * beta / window_size, threads=columns,
+            *reversed(window_extent(kernel_height, height)), 2.0 * alpha * beta / window_size, threads=columns,
         )
         return laid_out_like(input, grad_input)
 

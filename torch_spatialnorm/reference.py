@@ -8,16 +8,20 @@ import torch
 import torch.nn.functional as F
 
 
-def window_sum(x: torch.Tensor, kernel_width: int, kernel_height: int, mirrored: bool = False) -> torch.Tensor:
-    """Sum of ``x`` over each pixel's window, pixels outside the image counting as zero.
+def window_extent(kernel_size: int, length: int):
+    """(before, after): how far the window W reaches before and after its pixel, ``k // 2`` and
+    ``(k - 1) // 2``, along a dimension of ``length`` pixels. A window reaching past the image on a
+    side sums what it would sum reaching just to its edge, so the extents are clipped to it."""
+    last = max(length - 1, 0)
+    return min(kernel_size // 2, last), min((kernel_size - 1) // 2, last)
 
-    The window W reaches ``k // 2`` before the pixel and ``(k - 1) // 2`` after it; the gradient's
-    window M (``mirrored=True``) is its mirror image.
-    """
+
+def window_sum(x: torch.Tensor, kernel_width: int, kernel_height: int, mirrored: bool = False) -> torch.Tensor:
+    """Sum of ``x`` over each pixel's window W, pixels outside the image counting as zero (the
+    gradient's window M, ``mirrored=True``, is W's mirror image)."""
     height, width = x.shape[-2:]
-    # A window reaching past the image on a side sums what it would sum reaching just to its edge.
-    left, right = min(kernel_width // 2, width - 1), min((kernel_width - 1) // 2, width - 1)
-    top, bottom = min(kernel_height // 2, height - 1), min((kernel_height - 1) // 2, height - 1)
+    left, right = window_extent(kernel_width, width)
+    top, bottom = window_extent(kernel_height, height)
     if mirrored:
         left, right, top, bottom = right, left, bottom, top
     padded = F.pad(x, (left, right, top, bottom))

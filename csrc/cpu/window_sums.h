@@ -28,9 +28,8 @@ class LineWindowSums {
  public:
   LineWindowSums(int64_t length, WindowExtent extent)
       : length_(length),
-        // Reaching past the line changes nothing, and clipping bounds the buffers.
-        before_(std::min(extent.before, length - 1)),
-        window_(before_ + std::min(extent.after, length - 1) + 1),
+        before_(clipped(extent, length).before),
+        window_(clipped(extent, length).span()),
         // Whole blocks from the first window's start to the last window's end, and one more so
         // that every window's next block exists.
         padded_((length + window_ - 1 + window_ - 1) / window_ * window_ + window_),
@@ -122,9 +121,9 @@ class WindowSums {
   template <typename T, typename Value, typename Emit>
   void run(const T* plane, int64_t height, int64_t row_begin, int64_t row_end, Value value, Emit emit) {
     height_ = height;
-    // Reaching past the plane changes nothing, and clipping bounds the buffers.
-    rows_before_ = std::min(rows_.before, height - 1);
-    window_rows_ = rows_before_ + std::min(rows_.after, height - 1) + 1;
+    const WindowExtent rows = clipped(rows_, height);
+    rows_before_ = rows.before;
+    window_rows_ = rows.span();
     // Window starts (its top rows) are grouped in blocks of window_rows_, from the first output's.
     for (int64_t block = row_begin; block < row_end; block += window_rows_) {
       const int64_t outputs = std::min(window_rows_, row_end - block);

@@ -2,9 +2,9 @@
 //
 // A block owns a tile of one image plane. It copies the tile and the halo its windows reach into
 // shared memory in coalesced rows, takes window sums along the region's rows, then down its
-// columns (sums that never subtract, about two terms read per output whatever the kernel size),
-// and the pass down the columns evaluates T^-beta once per element and writes the tile's output, consecutive threads
-// on consecutive columns. Each kernel reads its inputs and writes its output once, apart from the
+// columns (sums that never subtract, about two terms read per output up to 9 wide), and the pass
+// down the columns evaluates T^-beta once per element and writes the tile's output, consecutive
+// threads on consecutive columns. Each kernel reads its inputs and writes its output once, apart from the
 // halos (mostly served by L2). The gradient is one kernel too: it makes G = dY*X*T^(-beta-1) over
 // the tile and the mirrored window's halo, then sums G over the mirrored windows of the tile.
 // Windows whose halo would not fit shared memory beside a tile run a composite of ATen ops.
@@ -33,7 +33,10 @@ namespace spatialnorm::cuda {
 namespace {
 
 // Threads per block: 256, or kMaxThreads where shared memory admits fewer than three blocks per
-// multiprocessor (keeping 24 warps or more in flight to hide the loads' latency).
+// multiprocessor (keeping 24 warps or more in flight to hide the loads' latency). The kernels'
+// launch bounds also cap registers so that registers do not limit that occupancy below what shared
+// memory allows: 40 per thread for the forward (six blocks of 256), 64 for the gradient, whose
+// shared memory admits three.
 constexpr int kThreads = 256;
 constexpr int kMaxThreads = 512;
 
@@ -52,7 +55,7 @@ struct Extents {
 
   __host__ __device__ int width() const { return left + right + 1; }
   __host__ __device__ int height() const { return top + bottom + 1; }
-  __device__ Extents mirrored() const { return {right, left, bottom, top}; }  // M, W turned about its centre
+  __host__ __device__ Extents mirrored() const { return {right, left, bottom, top}; }  // M, W turned about its centre
 };
 
 // The region the windows of `window` over every position of `positions` reach.
@@ -220,7 +223,7 @@ struct BackwardPasses {
         tile_columns(grid.tile_columns, grid.tile_rows, threads) {}
 };
 
-// dX = dY*P - gradient_scale * X * (M-window sum of G), P = T^-beta, G = dY*X*P/T.
+// dX = dY*P - gradient_scale * X * (M-window sum of G), P = T^-beta, G = dY*X*T^(-beta-1).
 template <typename scalar_t>
 __global__ void __launch_bounds__(kMaxThreads, 2)
     backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
@@ -283,10 +286,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
 // product of the formula overflows where the exact result is finite: window sums by zero
 // padding and sum pooling (each window summed on its own), then the rules of
 // docs/definition.md ("Edge cases").
-at::Tensor window_sum(const at::Tensor& values, Extents w, bool mirrored) {
-  if (mirrored) {
-    w = {w.right, w.left, w.bottom, w.top};
-  }
+at::Tensor window_sum(const at::Tensor& values, Extents w) {
   const at::Tensor padded = at::constant_pad_nd(values, {w.left, w.right, w.top, w.bottom}, 0);
   return at::avg_pool2d(padded, {w.height(), w.width()}, {1, 1}, {0, 0}, false, true, 1);
 }
@@ -299,7 +299,7 @@ at::Tensor composite_denominator(const at::Tensor& x, Extents w, const Settings&
   if (s.alpha == 0) {
     return at::full_like(x, s.delta);
   }
-  return window_sum(x * x, w, false) * (s.alpha / s.window_size()) + s.delta;
+  return window_sum(x * x, w) * (s.alpha / s.window_size()) + s.delta;
 }
 
 at::Tensor composite_forward(const at::Tensor& input, Extents w, const Settings& s) {
@@ -316,19 +316,20 @@ at::Tensor composite_backward(const at::Tensor& grad_output, const at::Tensor& i
   if (gradient_scale == 0) {
     return first.to(input.scalar_type());
   }
-  const at::Tensor neighbours = window_sum(dy * x * composite_power(t, -s.beta - 1.0), w, true);
+  const at::Tensor neighbours = window_sum(dy * x * composite_power(t, -s.beta - 1.0), w.mirrored());
   return (first - x * neighbours * gradient_scale).to(input.scalar_type());
 }
 
 template <typename opmath_t>
 Coefficients<opmath_t> coefficients(const Settings& s) {
   return {static_cast<opmath_t>(s.alpha / s.window_size()), static_cast<opmath_t>(s.delta),
-          static_cast<opmath_t>(-s.beta), static_cast<opmath_t>(-s.beta - 1.0), static_cast<opmath_t>(2.0 * s.alpha * s.beta / s.window_size())};
+          static_cast<opmath_t>(-s.beta), static_cast<opmath_t>(-s.beta - 1.0),
+          static_cast<opmath_t>(2.0 * s.alpha * s.beta / s.window_size())};
 }
 
 Extents extents(const Settings& s, const PlaneShape& shape) {
-  const WindowExtent cols = clipped_forward_extent(s.kernel_width, shape.width);
-  const WindowExtent rows = clipped_forward_extent(s.kernel_height, shape.height);
+  const WindowExtent cols = clipped(forward_extent(s.kernel_width), shape.width);
+  const WindowExtent rows = clipped(forward_extent(s.kernel_height), shape.height);
   return {static_cast<int>(cols.before), static_cast<int>(cols.after), static_cast<int>(rows.before),
           static_cast<int>(rows.after)};
 }
