@@ -2,7 +2,8 @@
 
 import torch
 
-from . import _ops
+from . import _ops  # noqa: F401  (registers the fake and fallback kernels)
+from ._autograd import call_forward, call_gradient
 from ._validation import check_image, check_same_layout, check_settings
 
 __all__ = ["spatial_normalization", "spatial_normalization_gradient"]
@@ -21,7 +22,7 @@ def spatial_normalization(
     """
     kernel_width, kernel_height, alpha, beta, delta = check_settings(kernel_width, kernel_height, alpha, beta, delta)
     check_image(input, "input")
-    return _ops.forward(input, kernel_width, kernel_height, alpha, beta, delta)
+    return call_forward(input, kernel_width, kernel_height, alpha, beta, delta)
 
 
 def spatial_normalization_gradient(
@@ -38,4 +39,4 @@ def spatial_normalization_gradient(
     check_image(source_gradient, "source_gradient")
     check_image(source_image, "source_image")
     check_same_layout(source_gradient, source_image, "source_gradient", "source_image")
-    return _ops.backward(source_gradient, source_image, kernel_width, kernel_height, alpha, beta, delta)
+    return call_gradient(source_gradient, source_image, kernel_width, kernel_height, alpha, beta, delta)
