@@ -30,7 +30,7 @@ SHAPES = {
     "cuda": {"small": (8, 64, 56, 56), "typical": (32, 64, 112, 112), "large": (4, 16, 1024, 1024)},
     "mps": {"small": (2, 16, 32, 32), "typical": (8, 64, 56, 56), "large": (1, 4, 512, 512)},
 }
-SETTINGS = dict(alpha=1e-2, beta=0.75, delta=1.0)
+SETTINGS = dict(alpha=1e-2, delta=1.0)  # and --beta (0.75 by default, as LRN's)
 
 
 def composite(x, kernel_width, kernel_height, alpha, beta, delta):
@@ -130,7 +130,7 @@ def run(args):
             copy_ms = measure(lambda: x.clone(), device, args.budget)[0]
         for k in args.kernels:
             for name, fn in impls.items():
-                forward = lambda t, fn=fn: fn(t, k, k, **SETTINGS)  # noqa: E731
+                forward = lambda t, fn=fn: fn(t, k, k, beta=args.beta, **SETTINGS)  # noqa: E731
 
                 def step(forward=forward):
                     xg = x.detach().requires_grad_()
@@ -215,13 +215,14 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     parser.add_argument("--shapes", nargs="+", default=["small", "typical", "large"], choices=["small", "typical", "large"])
     parser.add_argument("--kernels", nargs="+", type=int, default=[3, 5, 9, 17, 31])
+    parser.add_argument("--beta", type=float, default=0.75, help="the exponent (MPS's default is 5)")
     parser.add_argument("--budget", type=float, default=0.5, help="seconds of timed runs per measurement")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile'd composite")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    title = f"spatial normalization, {args.dtype}: {environment(device)}"
+    title = f"spatial normalization, {args.dtype}, beta {args.beta}: {environment(device)}"
     print(title, flush=True)
     rows = run(args)
     out = Path(args.out)

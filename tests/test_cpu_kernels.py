@@ -77,3 +77,26 @@ def test_power_edge_cases(dtype):
     y = sn.spatial_normalization(x, 3, alpha=1.0, beta=20.0, delta=1.0)
     expected = expected_forward(x.double(), 3, 3, 1.0, 20.0, 1.0).to(dtype)
     torch.testing.assert_close(y, expected, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("beta", [5.0, 0.75, 0.5, 1.0, 2.0, 0.25, 1.5, -0.5, -2.0, 15.75, 16.0, 4.9, 0.7])
+@pytest.mark.parametrize("delta", [1e-3, 1.0])
+def test_float32_powers_for_every_kind_of_beta(beta, delta, generator):
+    """Whole quarters up to 16 take the multiply-and-square-root powers, other betas the
+    logarithm and exponential; where T or a power leaves float's normal range (magnitudes here
+    span 1e-8 to 1e8), both give way to the double-range powers. Every element within a few ulp."""
+    shape = (2, 3, 16, 16)
+    magnitudes = 10 ** (torch.rand(shape, generator=generator, dtype=torch.float64) * 16 - 8)
+    x = (random_image(shape, 1.0, generator) * magnitudes).float()
+    dy = random_image(shape, 1.0, generator).float()
+    settings = dict(alpha=1.0, beta=beta, delta=delta)
+    y = sn.spatial_normalization(x, 3, **settings)
+    expected = expected_forward(x.double(), 3, 3, **settings).float()  # inf where it overflows float
+    quarters = (4 * beta) % 1 == 0 and abs(beta) < 16
+    # atol: a subnormal result's last step, 2^-149.
+    torch.testing.assert_close(y, expected, rtol=2e-6 if quarters else 3e-5, atol=1.5e-45)
+    dx = sn.spatial_normalization_gradient(dy, x, 3, **settings).double()
+    expected_dx = expected_gradient(dy.double(), x.double(), 3, 3, **settings)
+    finite = torch.isfinite(expected_dx.float())
+    assert torch.equal(torch.isfinite(dx), finite)
+    assert relative_error(dx[finite], expected_dx[finite]) < 2e-5

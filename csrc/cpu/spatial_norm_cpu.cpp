@@ -92,23 +92,23 @@ void parallel_batches(int64_t count, const Fn& fn) {
 template <typename opmath_t>
 class Arithmetic;
 
-// float32 precision powers, vectorized. A span is computed in float32 first; where any element's
-// T or power left float's normal range, the span is computed again with double-range powers.
+// float32 precision powers, vectorized. A span is computed in float32 first, with the fast power
+// for the exponent (QuarterPower where it applies, LogExpPower otherwise); where any element's T
+// or power left float's normal range, the span is computed again with double-range powers.
 template <>
 class Arithmetic<float> {
  public:
   explicit Arithmetic(const Settings& s)
-      : neg_beta_(static_cast<float>(-s.beta)), wide_power_(-s.beta), wide_power_over_t_(-s.beta - 1.0) {}
+      : quarter_powers_(QuarterPower::applies(s.beta)),
+        quarter_power_(-s.beta),
+        log_exp_power_(-s.beta),
+        wide_power_(-s.beta),
+        wide_power_over_t_(-s.beta - 1.0) {}
 
   template <typename scalar_t>
   void forward(const scalar_t* __restrict x, const double* __restrict t, scalar_t* __restrict y, int64_t count) const {
-    int32_t fits = 1;
-    for (int64_t c = 0; c < count; ++c) {
-      const float tf = static_cast<float>(t[c]);
-      const float log_power = neg_beta_ * positive_log(tf);
-      fits &= in_range(tf, log_power);
-      y[c] = static_cast<scalar_t>(static_cast<float>(x[c]) * normal_exponential(log_power));
-    }
+    const bool fits = quarter_powers_ ? forward_in_float(quarter_power_, x, t, y, count)
+                                      : forward_in_float(log_exp_power_, x, t, y, count);
     if (!fits) {
       for (int64_t c = 0; c < count; ++c) {
         y[c] = static_cast<scalar_t>(static_cast<double>(x[c]) * wide_power_(t[c]));
@@ -119,17 +119,8 @@ class Arithmetic<float> {
   template <typename scalar_t>
   void gradient_terms(const scalar_t* __restrict dy, const scalar_t* __restrict x, const double* __restrict t,
                       double* __restrict first, double* __restrict g, int64_t count) const {
-    int32_t fits = 1;
-    for (int64_t c = 0; c < count; ++c) {
-      const float tf = static_cast<float>(t[c]);
-      const float log_t = positive_log(tf);
-      const float log_power = neg_beta_ * log_t;
-      fits &= in_range(tf, log_power) & in_range(tf, log_power - log_t);
-      const float power = normal_exponential(log_power);
-      const double dyd = static_cast<double>(dy[c]);
-      first[c] = dyd * static_cast<double>(power);
-      g[c] = dyd * static_cast<double>(x[c]) * static_cast<double>(power / tf);
-    }
+    const bool fits = quarter_powers_ ? gradient_terms_in_float(quarter_power_, dy, x, t, first, g, count)
+                                      : gradient_terms_in_float(log_exp_power_, dy, x, t, first, g, count);
     if (!fits) {
       for (int64_t c = 0; c < count; ++c) {
         const double dyd = static_cast<double>(dy[c]);
@@ -140,13 +131,36 @@ class Arithmetic<float> {
   }
 
  private:
-  // Whether T is a normal float and so is the power with this logarithm.
-  static int32_t in_range(float t, float log_power) {
-    return (t >= std::numeric_limits<float>::min()) & (t <= std::numeric_limits<float>::max()) &
-           (log_power >= -87.0f) & (log_power <= 88.0f);
+  template <typename Power, typename scalar_t>
+  static bool forward_in_float(const Power& power, const scalar_t* __restrict x, const double* __restrict t,
+                               scalar_t* __restrict y, int64_t count) {
+    int32_t fits = 1;
+    for (int64_t c = 0; c < count; ++c) {
+      y[c] = static_cast<scalar_t>(static_cast<float>(x[c]) * power(static_cast<float>(t[c]), fits));
+    }
+    return fits;
   }
 
-  float neg_beta_;
+  template <typename Power, typename scalar_t>
+  static bool gradient_terms_in_float(const Power& power, const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                                      const double* __restrict t, double* __restrict first, double* __restrict g,
+                                      int64_t count) {
+    int32_t fits = 1;
+    for (int64_t c = 0; c < count; ++c) {
+      const float tf = static_cast<float>(t[c]);
+      const float p = power(tf, fits);
+      const float p_over_t = p / tf;
+      fits &= is_normal(p_over_t);
+      const double dyd = static_cast<double>(dy[c]);
+      first[c] = dyd * static_cast<double>(p);
+      g[c] = dyd * static_cast<double>(x[c]) * static_cast<double>(p_over_t);
+    }
+    return fits;
+  }
+
+  bool quarter_powers_;
+  QuarterPower quarter_power_;   // T^-beta, for beta a whole number of quarters
+  LogExpPower log_exp_power_;    // T^-beta, for any other beta
   WidePower wide_power_;         // T^-beta
   WidePower wide_power_over_t_;  // T^(-beta-1)
 };
