@@ -66,6 +66,10 @@ def _batched(op, tensor_count):
     return rule
 
 
+_forward_vmap = _batched(call_forward, 1)
+_gradient_vmap = _batched(call_gradient, 2)
+
+
 class _PositionalFunction(torch.autograd.Function):
     """An autograd.Function called with positional arguments only. ``Function.apply`` binds them
     to ``forward``'s signature with ``inspect`` on every call, which takes longer than the kernel
@@ -101,7 +105,7 @@ class SpatialNormalizationFunction(_PositionalFunction):
         (input,) = ctx.saved_tensors
         return forward_jvp(Settings(*ctx.settings), input, input_tangent)
 
-    vmap = staticmethod(_batched(call_forward, 1))
+    vmap = staticmethod(_forward_vmap)
 
 
 class SpatialNormalizationGradientFunction(_PositionalFunction):
@@ -126,7 +130,7 @@ class SpatialNormalizationGradientFunction(_PositionalFunction):
         grad_output, input = ctx.saved_tensors
         return gradient_jvp(Settings(*ctx.settings), grad_output, input, grad_output_tangent, input_tangent)
 
-    vmap = staticmethod(_batched(call_gradient, 2))
+    vmap = staticmethod(_gradient_vmap)
 
 
 def _needs_derivatives(tensors) -> bool:
@@ -151,5 +155,5 @@ _library.impl("forward", _autograd_kernel(SpatialNormalizationFunction, forward_
 _library.impl(
     "backward", _autograd_kernel(SpatialNormalizationGradientFunction, backward_op, 2), "Autograd", with_keyset=True
 )
-torch.library.register_vmap("spatialnorm::forward", _batched(call_forward, 1), lib=_library)
-torch.library.register_vmap("spatialnorm::backward", _batched(call_gradient, 2), lib=_library)
+torch.library.register_vmap("spatialnorm::forward", _forward_vmap, lib=_library)
+torch.library.register_vmap("spatialnorm::backward", _gradient_vmap, lib=_library)
