@@ -6,28 +6,39 @@
 tensors standing in for MPS ones. Arguments are bound as PyTorch binds them (see
 docs/metal.md): argument i to ``[[buffer(i)]]``; a tensor as its raw storage from its
 storage offset, strides ignored; a Python int as 8 bytes (int64); a Python float as 4 bytes
-(float32). Bindings that the real one would get silently wrong are refused with BindingError:
-a scalar of the wrong byte size, a tensor whose dtype differs from the pointer's type, a missing
-or extra argument. Every buffer is surrounded by guard zones filled with NaN bytes; a write
-outside a buffer is reported, and a read outside it yields NaN. Buffers the kernel may write
-(``device T*`` without const) are filled with NaN before the run, so an element the kernel
-fails to write shows up as NaN.
+(float32); a list of ints as an array of int64 (for a ``constant`` struct of ``long`` fields).
+Bindings that the real one would get silently wrong are refused with BindingError: a scalar of
+the wrong byte size, a tensor whose dtype differs from the pointer's type, a list whose size is
+not the struct's, a missing or extra argument. Buffers the kernel may write (``device T*``
+without const) are filled with NaN before the run, so an element the kernel fails to write shows
+up as NaN.
 
-Threads run one after another, in reverse order, which is faithful for kernels without
-threadgroup memory or barriers (those are refused, as this emulator does not model them).
+The lanes of a threadgroup run as fibers with true barrier semantics (runtime.cpp), in a
+different order in each threadgroup (forward, backward, shuffled). The kernel code is compiled
+with GCC's thread-sanitizer instrumentation, whose hooks the runtime supplies, so that every load
+and store is seen. A dispatch fails with EmulatorError, as a GPU would go wrong, on: a data race
+on threadgroup memory, a read of threadgroup memory no lane wrote, two lanes writing one device
+byte, an access outside a buffer, a barrier some lane does not reach, more than 32 KiB of
+threadgroup memory or more than 1024 lanes in a threadgroup. Each dispatch's memory traffic is
+measured (see ``Traffic``).
 """
 
 import ctypes
 import hashlib
+import itertools
 import re
 import subprocess
+import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-SHIM_INCLUDE = Path(__file__).parent / "include"
+HERE = Path(__file__).parent
+SHIM_INCLUDE = HERE / "include"
+RUNTIME_SOURCE = HERE / "runtime.cpp"
 GUARD_BYTES = 256
 MAX_THREADS_PER_GROUP = 1024
 
@@ -46,11 +57,29 @@ SCALAR_TYPES = {
     "uchar": (torch.uint8, 1),
     "bool": (torch.bool, 1),
 }
-THREAD_ATTRIBUTES = {"thread_position_in_grid"}
+# Position attributes: those given as three components, and those given as one number.
+VECTOR_ATTRIBUTES = {
+    "thread_position_in_grid",
+    "thread_position_in_threadgroup",
+    "threadgroup_position_in_grid",
+    "threads_per_threadgroup",
+    "threadgroups_per_grid",
+}
+SCALAR_ATTRIBUTES = {
+    "thread_index_in_threadgroup",
+    "thread_index_in_simdgroup",
+    "simdgroup_index_in_threadgroup",
+    "threads_per_simdgroup",
+}
+ATTRIBUTE_TYPES = {"uint": 1, "uint2": 2, "uint3": 3}
 
 
 class BindingError(TypeError):
     """An argument that compile_shader would bind to a kernel parameter wrongly."""
+
+
+class EmulatorError(RuntimeError):
+    """A dispatch that would be undefined, or hang, on a GPU."""
 
 
 @dataclass(frozen=True)
@@ -60,13 +89,17 @@ class Parameter:
     scalar_type: str
     is_pointer: bool
     is_const: bool
-    attribute: str  # "buffer" or a thread attribute
-    index: int  # buffer index, -1 for thread attributes
+    attribute: str  # "buffer" or a position attribute
+    index: int  # buffer index, -1 for position attributes
 
     @property
     def declaration(self) -> str:
         const = "const " if self.is_const and self.address_space == "device" else ""
         return f"{self.address_space} {const}{self.scalar_type}{'*' if self.is_pointer else '&'} {self.name}"
+
+    @property
+    def is_struct(self) -> bool:
+        return self.attribute == "buffer" and not self.is_pointer and self.scalar_type not in SCALAR_TYPES
 
 
 @dataclass(frozen=True)
@@ -74,6 +107,26 @@ class Kernel:
     host_name: str
     call: str  # the C++ function, with template arguments
     parameters: tuple
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What one dispatch asked of device memory, by the emulator's model: every load and store
+    counted (no caches), and each SIMD-group instruction's accesses (the k-th execution of one
+    access site by the lanes of a SIMD-group) by the 64-byte segments they touch."""
+
+    kernel: str
+    bytes_read: int
+    bytes_written: int
+    useful_bytes: int  # distinct bytes the instructions asked for
+    segment_bytes: int  # 64 x the segments they touched
+    instructions: int
+    threadgroup_bytes: int
+
+    @property
+    def coalescing(self) -> float:
+        """Share of the touched segments' bytes that the instructions used (1 when coalesced)."""
+        return self.useful_bytes / self.segment_bytes if self.segment_bytes else 1.0
 
 
 def _split_top_level(text: str, separator: str = ","):
@@ -111,9 +164,12 @@ def _parse_parameter(text: str, substitutions: dict) -> Parameter:
         return Parameter(
             match["name"], match["space"], scalar_type, match["ref"] == "*", is_const, "buffer", int(match["index"])
         )
-    if match["attr"] not in THREAD_ATTRIBUTES or scalar_type != "uint":
-        raise ValueError(f"parameter {text!r}: only `uint name [[thread_position_in_grid]]` is emulated")
-    return Parameter(match["name"], "", scalar_type, False, True, match["attr"], -1)
+    attribute = match["attr"]
+    if attribute in SCALAR_ATTRIBUTES and scalar_type in ("uint", "ushort"):
+        return Parameter(match["name"], "", "uint", False, True, attribute, -1)
+    if attribute in VECTOR_ATTRIBUTES and scalar_type in ATTRIBUTE_TYPES:
+        return Parameter(match["name"], "", scalar_type, False, True, attribute, -1)
+    raise ValueError(f"parameter {text!r}: the emulator knows no attribute {attribute!r} of type {scalar_type!r}")
 
 
 _INSTANTIATION = re.compile(
@@ -123,12 +179,12 @@ _INSTANTIATION = re.compile(
 )
 _PLAIN_KERNEL = re.compile(r"(?<![>\]])\s(?:\[\[kernel\]\]|kernel)\s+void\s+(?P<func>\w+)\s*\((?P<params>.*?)\)\s*\{", re.S)
 _TEMPLATE_HEAD = re.compile(r"template\s*<(?P<params>[^>]*)>\s*kernel\s+void\s+(?P<func>\w+)\s*\(")
+# `threadgroup T name[...]...;`: a threadgroup array declared in a kernel's body.
+_THREADGROUP_ARRAY = re.compile(r"\bthreadgroup\s+(?P<type>[A-Za-z_][\w:]*)\s+(?P<name>\w+)\s*(?P<dims>(?:\[[^\];]+\]\s*)+);")
 
 
 def find_kernels(preprocessed: str):
     """The kernels of a preprocessed Metal source, by host name."""
-    if "threadgroup_barrier" in preprocessed or re.search(r"\bthreadgroup\s+\w+\s+\w+\s*\[", preprocessed):
-        raise ValueError("threadgroup memory and barriers are not emulated")
     template_params = {
         m["func"]: [p.split()[-1] for p in _split_top_level(m["params"])] for m in _TEMPLATE_HEAD.finditer(preprocessed)
     }
@@ -146,9 +202,27 @@ def find_kernels(preprocessed: str):
     return kernels
 
 
+def shared_threadgroup_arrays(source: str) -> str:
+    """The source with each threadgroup array declaration made a static array (one for all lanes,
+    as the threadgroups run one at a time) that registers itself with the runtime. Lines keep
+    their numbers, so compiler messages point at the Metal source."""
+    return _THREADGROUP_ARRAY.sub(
+        lambda m: f"static {m['type']} {m['name']}{m['dims']}; "
+        f'metal_emulator_threadgroup_memory({m["name"]}, sizeof({m["name"]}), "{m["name"]}");',
+        source,
+    )
+
+
+def _attribute_value(p: Parameter) -> str:
+    if p.attribute in SCALAR_ATTRIBUTES:
+        return f"lane->{p.attribute}"
+    components = [f"lane->{p.attribute}[{i}]" for i in range(ATTRIBUTE_TYPES[p.scalar_type])]
+    return components[0] if p.scalar_type == "uint" else f"{p.scalar_type}{{{', '.join(components)}}}"
+
+
 def _launcher(kernel: Kernel) -> str:
-    """C++ that runs every thread of a 1-D grid, last thread first."""
-    args = []
+    """C++ that runs one lane of the kernel, and tells the sizes of its struct parameters."""
+    args, sizes = [], []
     buffer = 0
     for p in kernel.parameters:
         if p.attribute == "buffer":
@@ -157,13 +231,14 @@ def _launcher(kernel: Kernel) -> str:
                 args.append(f"static_cast<{p.scalar_type}*>(args[{buffer}])")
             else:
                 args.append(f"*static_cast<{const}{p.scalar_type}*>(args[{buffer}])")
+            if p.is_struct:
+                sizes.append(f'extern "C" unsigned long size_{kernel.host_name}_{buffer}() {{ return sizeof({p.scalar_type}); }}\n')
             buffer += 1
         else:
-            args.append("static_cast<uint>(thread_index)")
+            args.append(_attribute_value(p))
     return (
-        f'extern "C" void launch_{kernel.host_name}(void** args, long threads) {{\n'
-        f"  for (long thread_index = threads - 1; thread_index >= 0; --thread_index) {{\n"
-        f"    {kernel.call}({', '.join(args)});\n  }}\n}}\n"
+        f'extern "C" void lane_{kernel.host_name}(void** args, const metal_emulator_lane* lane) {{\n'
+        f"  {kernel.call}({', '.join(args)});\n}}\n" + "".join(sizes)
     )
 
 
@@ -178,32 +253,47 @@ def compile_library(source_path, build_dir=None, compiler: str = "g++") -> "Emul
     source_path = Path(source_path).resolve()
     source = source_path.read_text()
     build_dir = Path(build_dir or tempfile.mkdtemp(prefix="metal_emulator_"))
+    build_dir.mkdir(parents=True, exist_ok=True)
     preprocessed = _compiler_output(
         [compiler, "-E", "-P", "-x", "c++", "-std=c++17", "-I", str(SHIM_INCLUDE), "-D", "METAL_SHIM_KEEP_KEYWORDS",
          str(source_path)],
         "preprocessing the Metal source",
     )
     kernels = find_kernels(preprocessed)
-    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    runtime = RUNTIME_SOURCE.read_text()
+    digest = hashlib.sha256((source + runtime + (SHIM_INCLUDE / "metal_stdlib").read_text()).encode()).hexdigest()[:16]
+    rewritten = build_dir / f"source_{digest}.metal.cpp"
+    rewritten.write_text(f'#line 1 "{source_path}"\n' + shared_threadgroup_arrays(source))
     wrapper = build_dir / f"kernels_{digest}.cpp"
-    wrapper.write_text(
-        f'#include "{source_path}"\n\n' + "\n".join(_launcher(k) for k in kernels.values())
-    )
-    shared_object = build_dir / f"kernels_{digest}.so"
+    wrapper.write_text(f'#include "{rewritten}"\n\n' + "\n".join(_launcher(k) for k in kernels.values()))
+    flags = ["-x", "c++", "-std=c++17", "-O1", "-g", "-fPIC", "-Wall", "-Werror", "-I", str(SHIM_INCLUDE)]
+    kernels_object = build_dir / f"kernels_{digest}.o"
     _compiler_output(
-        [compiler, "-x", "c++", "-std=c++17", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Werror",
-         "-Wno-attributes", "-Wno-unknown-pragmas", "-I", str(SHIM_INCLUDE), str(wrapper), "-o", str(shared_object)],
+        [compiler, *flags, "-fsanitize=thread", "-Wno-attributes", "-Wno-unknown-pragmas", "-c", str(wrapper),
+         "-o", str(kernels_object)],
         "compiling the Metal source as C++",
+    )
+    runtime_object = build_dir / f"runtime_{digest}.o"
+    _compiler_output([compiler, *flags, "-c", str(RUNTIME_SOURCE), "-o", str(runtime_object)], "compiling the emulator's runtime")
+    shared_object = build_dir / f"kernels_{digest}.so"
+    # Every hook the instrumentation calls must come from the runtime: refuse undefined symbols
+    # (GNU ld's spelling; Apple's linker refuses them by default).
+    no_undefined = ["-Wl,-z,defs"] if sys.platform.startswith("linux") else []
+    _compiler_output(
+        [compiler, "-shared", *no_undefined, str(kernels_object), str(runtime_object), "-o", str(shared_object)],
+        "linking the emulated kernels",
     )
     return EmulatedLibrary(ctypes.CDLL(str(shared_object)), kernels)
 
 
 def syntax_check_address_spaces(source_path, compiler: str = "clang++-19") -> None:
-    """Checks with clang that the source mixes no address spaces (device, constant, thread) where
-    Metal would refuse it. clang rejects attributes on explicit instantiations, so those are
-    stripped first."""
+    """Checks with clang that the source mixes no address spaces (device, constant, threadgroup,
+    thread) where Metal would refuse it. clang rejects attributes on explicit instantiations, so
+    those are stripped first, and local variables in an address space, so threadgroup arrays
+    become static there."""
     source = Path(source_path).read_text()
     source = re.sub(r"template\s*\[\[\s*host_name\([^)]*\)\s*\]\]", "template", source)
+    source = _THREADGROUP_ARRAY.sub(lambda m: f"static {m.group(0)}", source)
     with tempfile.NamedTemporaryFile("w", suffix=".cpp", delete=False) as f:
         f.write(source)
     _compiler_output(
@@ -251,10 +341,20 @@ def _bind_scalar(value, parameter: Parameter):
     return ctype
 
 
+def _as_triple(value, name):
+    value = (value,) if isinstance(value, int) else tuple(value)
+    if not 1 <= len(value) <= 3 or not all(isinstance(v, int) and v > 0 for v in value):
+        raise ValueError(f"{name} must be 1 to 3 positive ints, got {value}")
+    return value + (1,) * (3 - len(value)), len(value)
+
+
 class EmulatedLibrary:
     def __init__(self, shared_object, kernels):
         self._shared_object = shared_object
         self._kernels = kernels
+        self._dispatches = itertools.count()
+        self._log = None
+        shared_object.metal_emulator_error.restype = ctypes.c_char_p
 
     @property
     def function_names(self):
@@ -266,6 +366,27 @@ class EmulatedLibrary:
             raise AttributeError(f"no kernel named {name!r} in the library")
         return lambda *args, **kwargs: self._run(kernels[name], args, **kwargs)
 
+    @contextmanager
+    def recording(self):
+        """Collects the Traffic of each dispatch run inside the block, in order."""
+        self._log = log = []
+        try:
+            yield log
+        finally:
+            self._log = None
+
+    def _bind_struct(self, kernel: Kernel, position: int, value, p: Parameter):
+        if not all(isinstance(v, int) for v in value):
+            raise BindingError(f"{p.name}: only lists of ints (int64 arrays) are emulated")
+        size = getattr(self._shared_object, f"size_{kernel.host_name}_{position}")
+        size.restype = ctypes.c_ulong
+        if size() != 8 * len(value):
+            raise BindingError(
+                f"{p.name}: a list of {len(value)} ints is sent as {8 * len(value)} bytes, but `{p.declaration}` "
+                f"takes {size()}"
+            )
+        return (ctypes.c_int64 * len(value))(*value)
+
     def _run(self, kernel: Kernel, args, threads, group_size=None, arg_casts=None):
         if arg_casts:
             raise NotImplementedError("arg_casts is not emulated")
@@ -275,16 +396,18 @@ class EmulatedLibrary:
                 raise BindingError(f"{kernel.host_name}: parameter {p.name} is [[buffer({p.index})]] but argument {position} binds to buffer({position})")
         if len(args) != len(buffers):
             raise BindingError(f"{kernel.host_name} takes {len(buffers)} arguments, got {len(args)}")
-        threads = threads[0] if isinstance(threads, (tuple, list)) and len(threads) == 1 else threads
-        if not isinstance(threads, int):
-            raise NotImplementedError("only 1-D grids are emulated")
-        if group_size is not None:
-            group = group_size[0] if isinstance(group_size, (tuple, list)) else group_size
-            if not 0 < group <= MAX_THREADS_PER_GROUP:
-                raise ValueError(f"group_size {group} is outside 1..{MAX_THREADS_PER_GROUP}")
-        bound, keep = [], []
-        tensors = []
-        for value, p in zip(args, buffers):
+        grid, rank = _as_triple(threads, "threads")
+        if group_size is None:
+            group_size = min(grid[0], MAX_THREADS_PER_GROUP) if rank == 1 else (1,) * rank
+        group, group_rank = _as_triple(group_size, "group_size")
+        if group_rank != rank:
+            raise ValueError(f"group_size {group_size} and threads {threads} differ in rank")
+        if group[0] * group[1] * group[2] > MAX_THREADS_PER_GROUP:
+            raise ValueError(f"group_size {group_size} has more than {MAX_THREADS_PER_GROUP} threads")
+        bound, keep, tensors = [], [], []
+        runtime = self._shared_object
+        runtime.metal_emulator_reset_buffers()
+        for position, (value, p) in enumerate(zip(args, buffers)):
             if isinstance(value, torch.Tensor):
                 if not p.is_pointer:
                     raise BindingError(f"{p.name}: a tensor binds as a buffer, but the kernel declares `{p.declaration}`")
@@ -295,7 +418,17 @@ class EmulatedLibrary:
                     raise BindingError(f"{p.name}: the emulator runs on CPU tensors, got {value.device}")
                 buffer = _Buffer(value, poison=not p.is_const)
                 tensors.append((buffer, p.name))
+                runtime.metal_emulator_add_buffer(
+                    ctypes.c_void_p(buffer.address()), ctypes.c_ulong(buffer.data.numel()), int(not p.is_const),
+                    p.name.encode(),
+                )
                 bound.append(ctypes.c_void_p(buffer.address()))
+            elif isinstance(value, (list, tuple)):
+                if not p.is_struct:
+                    raise BindingError(f"{p.name}: a list binds as an array, but the kernel declares `{p.declaration}`")
+                array = self._bind_struct(kernel, position, value, p)
+                keep.append(array)
+                bound.append(ctypes.cast(array, ctypes.c_void_p))
             else:
                 if p.is_pointer:
                     raise BindingError(f"{p.name}: a {type(value).__name__} cannot bind to pointer `{p.declaration}`")
@@ -303,6 +436,15 @@ class EmulatedLibrary:
                 keep.append(scalar)
                 bound.append(ctypes.cast(ctypes.pointer(scalar), ctypes.c_void_p))
         array = (ctypes.c_void_p * max(1, len(bound)))(*bound)
-        getattr(self._shared_object, f"launch_{kernel.host_name}")(array, ctypes.c_long(threads))
+        status = runtime.metal_emulator_dispatch(
+            getattr(runtime, f"lane_{kernel.host_name}"), array, (ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*group),
+            ctypes.c_uint(next(self._dispatches) % 3),
+        )
+        if status != 0:
+            raise EmulatorError(f"{kernel.host_name}: {runtime.metal_emulator_error().decode()}")
+        if self._log is not None:
+            figures = (ctypes.c_uint64 * 6)()
+            runtime.metal_emulator_traffic(figures)
+            self._log.append(Traffic(kernel.host_name, *figures))
         for buffer, name in tensors:
             buffer.finish(name)
