@@ -1,25 +1,31 @@
 // Metal kernels of torch_spatialnorm: MPSCNNSpatialNormalization and its gradient (docs/definition.md).
 //
-// Each direction runs as separable passes over (plane, row) and (plane, column) lines: one
-// thread per line walks the windows along it with sums that never subtract (LineWindow).
-// Inputs and outputs are float, half or bfloat; all arithmetic is float32.
+// The tiled kernels (forward_tiled, gradient_tiled) each make one pass over the data. A
+// threadgroup owns a strip of columns of one image plane (the whole width where it fits) and a
+// segment of its rows, and sweeps down them a few rows per step, keeping in threadgroup memory
+// ring buffers of the rows its windows still need: every element is read from device memory
+// once and written once, in 32-element runs that start on a 32-element boundary, so the loads and
+// stores of a SIMD-group are coalesced. Window sums are formed in threadgroup memory along rows
+// and down columns with sums that never subtract (WindowWalk).
 //
-//   forward:  row_sums_of_squares  -> forward_from_row_sums
-//   gradient: row_sums_of_squares  -> gradient_terms (dY*T^-beta and G = dY*X*T^(-beta-1))
-//             row_sums (of G, mirrored window) -> gradient_from_row_sums
+// Windows too large for threadgroup memory take the general path: separable passes with one
+// thread per row or column and full-size float32 row sums in device memory.
+//
+// Inputs and outputs are float, half or bfloat; all arithmetic is float32.
 //
 // Every kernel parameter has [[buffer(i)]] equal to its position, the order in which
 // torch.mps.compile_shader binds arguments. Python ints arrive as 64-bit (long), Python
-// floats as 32-bit float.
+// floats as 32-bit float, lists of ints as arrays of long.
 #include <metal_stdlib>
 using namespace metal;
 
-// Consecutive windows of a line that share a chunk: the size of LineWindow's suffix array.
+// Consecutive windows of a line that share a chunk: the size of WindowWalk's suffix array.
 enum : int { kMaxChunk = 8 };
 
-// Window sums of f(line[i]) over [i - before, i + after] along a line of `length` elements
-// `stride` apart, parts outside the line counting as zero; next() returns window 0, 1, 2, ...
-// (MSL has no lambdas, so the walk is an object the caller steps.)
+// Window sums over a line of terms: window i covers terms [first + i, first + i + window - 1],
+// and next() returns windows 0, 1, 2, ... The terms come from `Terms`, an accessor whose
+// operator()(i) gives term i (zero outside the data). MSL has no lambdas, so the walk is an object
+// the caller steps.
 //
 // The sums never subtract: a running sum that drops the leaving value keeps the rounding error
 // of a large value long after the value left the window, and an infinity would never leave it.
@@ -28,37 +34,31 @@ enum : int { kMaxChunk = 8 };
 // t + window - 1, which every later window of the chunk shares and which grow by one term per
 // window. Each sum is made of its own window's terms only, about (window + chunk) / chunk terms
 // read per window.
-template <typename T, typename F>
-struct LineWindow {
-  device const T* line;
-  long length;
-  long stride;
+template <typename Terms>
+struct WindowWalk {
+  Terms terms;
   long window;
   int chunk;
   int position;  // of the next window in its chunk
-  long first;    // line index of the current chunk's first term
+  long first;    // index of the current chunk's first term
   float suffix[kMaxChunk];
   float beyond;
 
-  LineWindow(device const T* line_, long length_, long stride_, long before, long after)
-      : line(line_), length(length_), stride(stride_), window(before + after + 1),
-        chunk(int(min(before + after + 1, long(kMaxChunk)))), position(0), first(-before), beyond(0.0f) {
+  WindowWalk(Terms terms_, long first_, long window_)
+      : terms(terms_), window(window_), chunk(int(min(window_, long(kMaxChunk)))), position(0), first(first_),
+        beyond(0.0f) {
     start_chunk();
-  }
-
-  float term(long i) const {
-    return i >= 0 && i < length ? F()(line[i * stride]) : 0.0f;
   }
 
   void start_chunk() {
     float sum = 0.0f;
     for (int t = chunk - 1; t >= 0; --t) {
-      sum = term(first + t) + sum;
+      sum = terms(first + t) + sum;
       suffix[t] = sum;
     }
     beyond = 0.0f;
     for (long j = chunk; j < window; ++j) {
-      beyond += term(first + j);
+      beyond += terms(first + j);
     }
   }
 
@@ -68,10 +68,20 @@ struct LineWindow {
       position = 0;
       start_chunk();
     } else if (position > 0) {
-      beyond += term(first + position + window - 1);
+      beyond += terms(first + position + window - 1);
     }
     return suffix[position++] + beyond;
   }
+};
+
+// Terms of a line in device memory, `stride` elements apart, f applied; zero outside the line.
+template <typename T, typename F>
+struct DeviceLine {
+  device const T* line;
+  long length;
+  long stride;
+
+  float operator()(long i) const { return i >= 0 && i < length ? F()(line[i * stride]) : 0.0f; }
 };
 
 struct Square {
@@ -123,6 +133,298 @@ inline float times_power(float a, float t, float e) {
   return ldexp(fraction * precise::exp2(l - whole), exponent + int(whole));
 }
 
+// ----------------------------------------------------------------------------------------------
+// Tiled kernels: one pass, threadgroup memory, no scratch in device memory.
+
+enum : int {
+  kThreads = 256,  // lanes of a threadgroup (the host dispatches exactly this many)
+  kSimdWidth = 32,
+  kSimdgroups = kThreads / kSimdWidth,
+  kThreadgroupFloats = 7168,  // 28 KiB, within every Apple GPU's 32 KiB
+};
+
+// Where an array lies in threadgroup memory (in floats) and how many rows its ring holds.
+struct RingLayout {
+  long offset;
+  long pitch;
+  long rows;
+};
+
+// How threadgroups sweep the planes; filled in by the host (torch_spatialnorm/mps.py), which
+// also lays out threadgroup memory. Only longs: the host binds it from a list of Python ints.
+struct Sweep {
+  long height, width;           // of a plane
+  long strip_width, strips;     // output columns of a threadgroup, and strips across a plane
+  long segment_rows, segments;  // output rows of a threadgroup, and segments down a plane
+  long step_rows;               // rows a step of the sweep adds
+  long before_y, after_y, before_x, after_x;  // how far the forward window W reaches
+  RingLayout x;          // X, with the columns its window sums need
+  RingLayout x_sums;     // row sums of X^2
+  RingLayout terms;      // gradient: dY, then G = dY * X * T^(-beta-1), a step's rows
+  RingLayout scaled;     // gradient: dY * T^-beta, then dX
+  RingLayout term_sums;  // gradient: row sums of G over the mirrored window
+};
+
+// A ring of rows in threadgroup memory: plane row r lives in slot r mod rows.
+struct Ring {
+  threadgroup float* data;
+  long pitch;
+  long rows;
+
+  threadgroup float& operator()(long row, long column) const {
+    long slot = row % rows;
+    slot += slot < 0 ? rows : 0;
+    return data[slot * pitch + column];
+  }
+};
+
+inline Ring ring_in(threadgroup float* memory, constant RingLayout& layout) {
+  return Ring{memory + layout.offset, layout.pitch, layout.rows};
+}
+
+struct Lanes {
+  uint index;      // in the threadgroup
+  uint simd_lane;  // in its SIMD-group
+  uint simdgroup;  // in the threadgroup
+};
+
+// The part of the planes a threadgroup owns: output rows [first_row, last_row) and columns
+// [column, column + width) of one plane.
+struct Tile {
+  long plane_start, first_row, last_row, column;
+  long width;
+
+  Tile(constant Sweep& sweep, uint2 group) {
+    const long strip = long(group.x) % sweep.strips;
+    const long segment = long(group.x) / sweep.strips;
+    plane_start = long(group.y) * sweep.height * sweep.width;
+    column = strip * sweep.strip_width;
+    width = min(sweep.strip_width, sweep.width - column);
+    first_row = segment * sweep.segment_rows;
+    last_row = min(first_row + sweep.segment_rows, sweep.height);
+  }
+};
+
+// Elements of the rectangle rows [first_row, last_row) x columns [first_column, last_column) of
+// a plane, which lies in it, as runs of consecutive addresses: each row, or the whole rectangle
+// where it spans the plane's width. Each SIMD-group takes one 32-element run piece at a time,
+// starting on a 32-element boundary of the buffer, so that its lanes touch whole segments.
+struct Runs {
+  long first_row, first_column, width;
+  long runs, length, pieces;  // per run
+
+  Runs(long first_row_, long last_row, long first_column_, long last_column, long width_)
+      : first_row(first_row_), first_column(first_column_), width(width_) {
+    const bool whole_rows = first_column == 0 && last_column == width;
+    const bool empty = last_row <= first_row || last_column <= first_column;
+    runs = empty ? 0 : whole_rows ? 1 : last_row - first_row;
+    length = whole_rows ? (last_row - first_row) * width : last_column - first_column;
+    pieces = (length + kSimdWidth - 1) / kSimdWidth + 1;
+  }
+
+  // The buffer index of `lanes`' element of piece `p`, or -1 where that lane has none.
+  long element(long plane_start, long p, Lanes lanes) const {
+    const long start = plane_start + (first_row + p / pieces) * width + first_column;
+    const long i = (start / kSimdWidth + p % pieces) * kSimdWidth + lanes.simd_lane;
+    return i >= start && i < start + length ? i : -1;
+  }
+};
+
+// Copies the part of rows [first_row, first_row + rows) x columns [origin, origin + columns) of a
+// plane that lies in it into `ring` (its column 0 is plane column `origin`), as float; zero where
+// the rectangle leaves the plane.
+template <typename T>
+void load_rows(device const T* data, constant Sweep& sweep, long plane_start, long first_row, long rows, long origin,
+               long columns, Ring ring, Lanes lanes) {
+  for (long e = lanes.index; e < rows * columns; e += kThreads) {
+    const long row = first_row + e / columns, column = origin + e % columns;
+    if (row < 0 || row >= sweep.height || column < 0 || column >= sweep.width) {
+      ring(row, e % columns) = 0.0f;
+    }
+  }
+  const Runs runs(max(first_row, 0L), min(first_row + rows, sweep.height), max(origin, 0L),
+                  min(origin + columns, sweep.width), sweep.width);
+  for (long p = lanes.simdgroup; p < runs.runs * runs.pieces; p += kSimdgroups) {
+    const long i = runs.element(plane_start, p, lanes);
+    if (i >= 0) {
+      ring((i - plane_start) / sweep.width, (i - plane_start) % sweep.width - origin) = static_cast<float>(data[i]);
+    }
+  }
+}
+
+// Writes rows [first_row, last_row) x columns [column, column + width) of a plane from `ring`
+// (its column 0 is plane column `origin`).
+template <typename T>
+void store_rows(device T* data, constant Sweep& sweep, long plane_start, long first_row, long last_row, long column,
+                long width, long origin, Ring ring, Lanes lanes) {
+  const Runs runs(first_row, last_row, column, column + width, sweep.width);
+  for (long p = lanes.simdgroup; p < runs.runs * runs.pieces; p += kSimdgroups) {
+    const long i = runs.element(plane_start, p, lanes);
+    if (i >= 0) {
+      data[i] = static_cast<T>(ring((i - plane_start) / sweep.width, (i - plane_start) % sweep.width - origin));
+    }
+  }
+}
+
+// Terms along a row of threadgroup memory (squared for the sums of X^2).
+template <bool kSquares>
+struct RowTerms {
+  threadgroup const float* row;
+
+  float operator()(long i) const {
+    const float v = row[i];
+    return kSquares ? v * v : v;
+  }
+};
+
+// Terms down a column of a ring.
+struct RingColumn {
+  Ring ring;
+  long column;
+
+  float operator()(long row) const { return ring(row, column); }
+};
+
+// sums(r, c) = sum of source(r, c .. c + window - 1) (squared first if kSquares), for the rows
+// [first_row, first_row + rows) and the columns [0, outputs). A lane takes kMaxChunk consecutive
+// windows of one row; neighbouring lanes take neighbouring rows.
+template <bool kSquares>
+void row_window_sums(Ring source, Ring sums, long first_row, long rows, long outputs, long window, Lanes lanes) {
+  const long chunks = (outputs + kMaxChunk - 1) / kMaxChunk;
+  for (long e = lanes.index; e < rows * chunks; e += kThreads) {
+    const long row = first_row + e % rows;
+    const long first = e / rows * kMaxChunk;
+    WindowWalk<RowTerms<kSquares>> walk(RowTerms<kSquares>{&source(row, 0)}, first, window);
+    for (long c = first; c < min(first + kMaxChunk, outputs); ++c) {
+      sums(row, c) = walk.next();
+    }
+  }
+}
+
+inline long floor_div(long a, long b) { return a >= 0 ? a / b : -((b - 1 - a) / b); }
+
+// Y = X * (delta + scale * sum of X^2 over W)^-beta, in one dispatch: threadgroup (strip and
+// segment, plane). The sweep goes in blocks of step_rows rows that start at multiples of
+// step_rows, so that each block's loads and stores start on the same boundaries: each step loads
+// a block of X and sums its squares along the rows, and finishes the block of Y whose windows
+// that completes (`lag` blocks earlier): sums down the columns, the power, the store.
+template <typename T>
+kernel void forward_tiled(device const T* input [[buffer(0)]], device T* output [[buffer(1)]],
+                          constant Sweep& sweep [[buffer(2)]], constant float& scale [[buffer(3)]],
+                          constant float& delta [[buffer(4)]], constant float& neg_beta [[buffer(5)]],
+                          uint2 group [[threadgroup_position_in_grid]], uint lane [[thread_index_in_threadgroup]],
+                          uint simd_lane [[thread_index_in_simdgroup]],
+                          uint simdgroup [[simdgroup_index_in_threadgroup]]) {
+  threadgroup float memory[kThreadgroupFloats];
+  const Lanes lanes{lane, simd_lane, simdgroup};
+  const Tile tile(sweep, group);
+  const Ring x = ring_in(memory, sweep.x), x_sums = ring_in(memory, sweep.x_sums);
+  const long window_y = sweep.before_y + sweep.after_y + 1, window_x = sweep.before_x + sweep.after_x + 1;
+  const long origin = tile.column - sweep.before_x;  // plane column of x's column 0
+  const long step = sweep.step_rows, lag = (sweep.after_y + step - 1) / step;
+  const long first_needed = tile.first_row - sweep.before_y, end_needed = tile.last_row + sweep.after_y;
+  const long last_block = floor_div(tile.last_row - 1, step) + lag;
+  for (long block = floor_div(first_needed, step); block <= last_block; ++block) {
+    const long row = max(block * step, first_needed), rows = max(min(block * step + step, end_needed) - row, 0L);
+    load_rows(input, sweep, tile.plane_start, row, rows, origin, tile.width + window_x - 1, x, lanes);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    row_window_sums<true>(x, x_sums, row, rows, tile.width, window_x, lanes);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    // Y replaces X in place.
+    const long first = max((block - lag) * step, tile.first_row), last = min((block - lag + 1) * step, tile.last_row);
+    for (long c = lanes.index; c < tile.width && first < last; c += kThreads) {
+      WindowWalk<RingColumn> walk(RingColumn{x_sums, c}, first - sweep.before_y, window_y);
+      for (long y = first; y < last; ++y) {
+        threadgroup float& value = x(y, c + sweep.before_x);
+        value = times_power(value, denominator(walk.next(), scale, delta), neg_beta);
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    store_rows(output, sweep, tile.plane_start, first, last, tile.column, tile.width, origin, x, lanes);
+    threadgroup_barrier(mem_flags::mem_threadgroup);  // the next blocks take these slots
+  }
+}
+
+// dX = dY * T^-beta - gradient_scale * X * (sum over M of G), G = dY * X * T^(-beta-1), in one
+// dispatch, in aligned blocks as the forward. A step loads a block of X; finishes T, G and
+// dY * T^-beta for the block of rows whose windows W that completes (lag_t blocks earlier), at
+// the columns the mirrored sums need; and finishes dX for the block whose mirrored windows M
+// those complete (lag_d blocks earlier still).
+template <typename T>
+kernel void gradient_tiled(device const T* grad_output [[buffer(0)]], device const T* input [[buffer(1)]],
+                           device T* grad_input [[buffer(2)]], constant Sweep& sweep [[buffer(3)]],
+                           constant float& scale [[buffer(4)]], constant float& delta [[buffer(5)]],
+                           constant float& neg_beta [[buffer(6)]], constant float& g_exponent [[buffer(7)]],
+                           constant float& gradient_scale [[buffer(8)]], uint2 group [[threadgroup_position_in_grid]],
+                           uint lane [[thread_index_in_threadgroup]], uint simd_lane [[thread_index_in_simdgroup]],
+                           uint simdgroup [[simdgroup_index_in_threadgroup]]) {
+  threadgroup float memory[kThreadgroupFloats];
+  const Lanes lanes{lane, simd_lane, simdgroup};
+  const Tile tile(sweep, group);
+  const Ring x = ring_in(memory, sweep.x), x_sums = ring_in(memory, sweep.x_sums);
+  const Ring terms = ring_in(memory, sweep.terms), scaled = ring_in(memory, sweep.scaled);
+  const Ring term_sums = ring_in(memory, sweep.term_sums);
+  const long window_y = sweep.before_y + sweep.after_y + 1, window_x = sweep.before_x + sweep.after_x + 1;
+  // G is needed at the columns [column - after_x, column + width + before_x), and T there needs X
+  // from before_x further left to after_x further right.
+  const long term_origin = tile.column - sweep.after_x, term_columns = tile.width + window_x - 1;
+  const long x_origin = term_origin - sweep.before_x;
+  const long step = sweep.step_rows;
+  const long lag_t = (sweep.after_y + step - 1) / step, lag_d = (sweep.before_y + step - 1) / step;
+  // Rows of X, and of G, that the tile's rows need.
+  const long first_needed = tile.first_row - (window_y - 1), end_needed = tile.last_row + window_y - 1;
+  const long first_term_row = tile.first_row - sweep.after_y, end_term_row = tile.last_row + sweep.before_y;
+  const long last_block = floor_div(tile.last_row - 1, step) + lag_t + lag_d;
+  for (long block = floor_div(first_needed, step); block <= last_block; ++block) {
+    const long row = max(block * step, first_needed), rows = max(min(block * step + step, end_needed) - row, 0L);
+    const long first_t = max((block - lag_t) * step, first_term_row);
+    const long last_t = min((block - lag_t + 1) * step, end_term_row);
+    const long term_rows = max(last_t - first_t, 0L);
+    load_rows(input, sweep, tile.plane_start, row, rows, x_origin, term_columns + window_x - 1, x, lanes);
+    load_rows(grad_output, sweep, tile.plane_start, first_t, term_rows, term_origin, term_columns, terms, lanes);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    row_window_sums<true>(x, x_sums, row, rows, term_columns, window_x, lanes);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    for (long g = lanes.index; g < term_columns && term_rows > 0; g += kThreads) {
+      WindowWalk<RingColumn> walk(RingColumn{x_sums, g}, first_t - sweep.before_y, window_y);
+      const long column = term_origin + g;
+      const bool strip_column = g >= sweep.after_x && g < sweep.after_x + tile.width;
+      for (long y = first_t; y < last_t; ++y) {
+        const float t = denominator(walk.next(), scale, delta);
+        if (y >= 0 && y < sweep.height && column >= 0 && column < sweep.width) {
+          threadgroup float& term = terms(y, g);
+          const float dy = term;
+          term = times_power(dy * x(y, g + sweep.before_x), t, g_exponent);
+          if (strip_column) {
+            scaled(y, g - sweep.after_x) = times_power(dy, t, neg_beta);
+          }
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    row_window_sums<false>(terms, term_sums, first_t, term_rows, tile.width, window_x, lanes);
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    // dX replaces dY * T^-beta in place.
+    const long first_d = (block - lag_t - lag_d) * step;
+    const long first = max(first_d, tile.first_row), last = min(first_d + step, tile.last_row);
+    for (long c = lanes.index; c < tile.width && first < last; c += kThreads) {
+      WindowWalk<RingColumn> walk(RingColumn{term_sums, c}, first - sweep.after_y, window_y);
+      for (long y = first; y < last; ++y) {
+        const float neighbours = walk.next();
+        threadgroup float& value = scaled(y, c);
+        if (gradient_scale != 0.0f) {
+          value -= gradient_scale * x(y, c + window_x - 1) * neighbours;
+        }
+      }
+    }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    store_rows(grad_input, sweep, tile.plane_start, first, last, tile.column, tile.width, tile.column, scaled, lanes);
+  }
+}
+
+// ----------------------------------------------------------------------------------------------
+// General path: separable passes for windows too large for threadgroup memory.
+
 // One thread per (plane, row): sums along the row over [x - before, x + after], f applied first.
 template <typename T, typename F>
 void row_sums_impl(device const T* input, device float* sums, long width, long lines, long before, long after,
@@ -131,7 +433,7 @@ void row_sums_impl(device const T* input, device float* sums, long width, long l
     return;
   }
   const long start = long(index) * width;
-  LineWindow<T, F> window(input + start, width, 1, before, after);
+  WindowWalk<DeviceLine<T, F>> window(DeviceLine<T, F>{input + start, width, 1}, -before, before + after + 1);
   for (long x = 0; x < width; ++x) {
     sums[start + x] = window.next();
   }
@@ -170,7 +472,8 @@ kernel void forward_from_row_sums(device const T* input [[buffer(0)]], device co
     return;
   }
   const long start = column_start(index, width, height);
-  LineWindow<float, AsFloat> window(row_sums + start, height, width, before, after);
+  WindowWalk<DeviceLine<float, AsFloat>> window(DeviceLine<float, AsFloat>{row_sums + start, height, width}, -before,
+                                                before + after + 1);
   for (long y = 0; y < height; ++y) {
     const long i = start + y * width;
     const float t = denominator(window.next(), scale, delta);
@@ -193,7 +496,8 @@ kernel void gradient_terms(device const T* grad_output [[buffer(0)]], device con
     return;
   }
   const long start = column_start(index, width, height);
-  LineWindow<float, AsFloat> window(row_sums + start, height, width, before, after);
+  WindowWalk<DeviceLine<float, AsFloat>> window(DeviceLine<float, AsFloat>{row_sums + start, height, width}, -before,
+                                                before + after + 1);
   for (long y = 0; y < height; ++y) {
     const long i = start + y * width;
     const float t = denominator(window.next(), scale, delta);
@@ -216,7 +520,8 @@ kernel void gradient_from_row_sums(device const T* input [[buffer(0)]], device c
     return;
   }
   const long start = column_start(index, width, height);
-  LineWindow<float, AsFloat> window(term_row_sums + start, height, width, before, after);
+  WindowWalk<DeviceLine<float, AsFloat>> window(DeviceLine<float, AsFloat>{term_row_sums + start, height, width},
+                                                -before, before + after + 1);
   for (long y = 0; y < height; ++y) {
     const long i = start + y * width;
     const float neighbours = window.next();
@@ -227,6 +532,18 @@ kernel void gradient_from_row_sums(device const T* input [[buffer(0)]], device c
 }
 
 #define INSTANTIATE_FOR(T)                                                                                          \
+  template [[host_name("forward_tiled_" #T)]] kernel void forward_tiled<T>(                                         \
+      device const T* input [[buffer(0)]], device T* output [[buffer(1)]], constant Sweep& sweep [[buffer(2)]],     \
+      constant float& scale [[buffer(3)]], constant float& delta [[buffer(4)]], constant float& neg_beta [[buffer(5)]], \
+      uint2 group [[threadgroup_position_in_grid]], uint lane [[thread_index_in_threadgroup]],                     \
+      uint simd_lane [[thread_index_in_simdgroup]], uint simdgroup [[simdgroup_index_in_threadgroup]]);            \
+  template [[host_name("gradient_tiled_" #T)]] kernel void gradient_tiled<T>(                                       \
+      device const T* grad_output [[buffer(0)]], device const T* input [[buffer(1)]], device T* grad_input [[buffer(2)]], \
+      constant Sweep& sweep [[buffer(3)]], constant float& scale [[buffer(4)]], constant float& delta [[buffer(5)]], \
+      constant float& neg_beta [[buffer(6)]], constant float& g_exponent [[buffer(7)]],                            \
+      constant float& gradient_scale [[buffer(8)]], uint2 group [[threadgroup_position_in_grid]],                  \
+      uint lane [[thread_index_in_threadgroup]], uint simd_lane [[thread_index_in_simdgroup]],                     \
+      uint simdgroup [[simdgroup_index_in_threadgroup]]);                                                           \
   template [[host_name("row_sums_of_squares_" #T)]] kernel void row_sums_of_squares<T>(                             \
       device const T* input [[buffer(0)]], device float* sums [[buffer(1)]], constant long& width [[buffer(2)]],    \
       constant long& lines [[buffer(3)]], constant long& before [[buffer(4)]], constant long& after [[buffer(5)]], \

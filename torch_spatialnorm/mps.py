@@ -12,13 +12,14 @@ import torch
 
 from . import _ops  # noqa: F401  (the op schema must exist before kernels are registered)
 from ._layout import laid_out_like
+from ._metal_sweep import plan_sweep
 from .reference import window_extent
 from ._validation import check_backward_arguments, check_forward_arguments
 
 # Kernel name suffix of each dtype the Metal source instantiates.
 _KERNEL_SUFFIX = {torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat"}
 
-# Threads per threadgroup: one SIMD-group multiple, within every Apple GPU's limit of 1024.
+# Threads per threadgroup of the general path: a SIMD-group multiple, within every Apple GPU's limit.
 _GROUP_SIZE = 256
 
 
@@ -56,39 +57,73 @@ class MetalKernels:
         self._dispatch(kernel, x, sums, width, planes_rows, *window_extent(kernel_width, width), threads=planes_rows)
         return sums
 
+    def _plan(self, gradient, x, kernel_width, kernel_height):
+        height, width = x.shape[-2:]
+        if x.numel() == 0:
+            return None
+        return plan_sweep(
+            gradient, x.numel() // (height * width), height, width, window_extent(kernel_height, height),
+            window_extent(kernel_width, width),
+        )
+
     def forward(self, input, kernel_width, kernel_height, alpha, beta, delta):
         kernel_width, kernel_height, alpha, beta, delta = check_forward_arguments(
             input, kernel_width, kernel_height, alpha, beta, delta
         )
-        kernel = self._kernel("forward_from_row_sums", input.dtype)
+        tiled = self._kernel("forward_tiled", input.dtype)
         x = input.contiguous()  # the kernels read raw storage: strides would be ignored
+        scale = alpha / (kernel_width * kernel_height)
+        plan = self._plan(False, x, kernel_width, kernel_height)
+        if plan is not None:
+            output = torch.empty_like(x)
+            tiled(x, output, list(plan.fields), scale, delta, -beta, threads=plan.threads, group_size=plan.group_size)
+            return laid_out_like(input, output)
+        return laid_out_like(input, self._general_forward(x, kernel_width, kernel_height, scale, beta, delta))
+
+    def _general_forward(self, x, kernel_width, kernel_height, scale, beta, delta):
+        kernel = self._kernel("forward_from_row_sums", x.dtype)
         height, width = x.shape[-2:]
         columns = x.numel() // height if height else 0
         row_sums = self._row_sums_of_squares(x, kernel_width)
         output = torch.empty_like(x)
-        scale = alpha / (kernel_width * kernel_height)
         self._dispatch(
             kernel, x, row_sums, output, width, height, columns, *window_extent(kernel_height, height),
             scale, delta, -beta, threads=columns,
         )
-        return laid_out_like(input, output)
+        return output
 
     def backward(self, grad_output, input, kernel_width, kernel_height, alpha, beta, delta):
         kernel_width, kernel_height, alpha, beta, delta = check_backward_arguments(
             grad_output, input, kernel_width, kernel_height, alpha, beta, delta
         )
-        terms_kernel = self._kernel("gradient_terms", input.dtype)
-        finish_kernel = self._kernel("gradient_from_row_sums", input.dtype)
+        tiled = self._kernel("gradient_tiled", input.dtype)
         x, dy = input.contiguous(), grad_output.contiguous()
+        window_size = kernel_width * kernel_height
+        scale, gradient_scale = alpha / window_size, 2.0 * alpha * beta / window_size
+        plan = self._plan(True, x, kernel_width, kernel_height)
+        if plan is not None:
+            grad_input = torch.empty_like(x)
+            tiled(
+                dy, x, grad_input, list(plan.fields), scale, delta, -beta, -beta - 1.0, gradient_scale,
+                threads=plan.threads, group_size=plan.group_size,
+            )
+            return laid_out_like(input, grad_input)
+        return laid_out_like(
+            input, self._general_backward(dy, x, kernel_width, kernel_height, scale, beta, delta, gradient_scale)
+        )
+
+    def _general_backward(self, dy, x, kernel_width, kernel_height, scale, beta, delta, gradient_scale):
+        """dX through full-size float32 scratch: for windows too large for threadgroup memory."""
+        terms_kernel = self._kernel("gradient_terms", x.dtype)
+        finish_kernel = self._kernel("gradient_from_row_sums", x.dtype)
         height, width = x.shape[-2:]
         columns = x.numel() // height if height else 0
         row_sums = self._row_sums_of_squares(x, kernel_width)
         scaled_gradient = torch.empty(x.shape, dtype=torch.float32, device=x.device)  # dY * T^-beta
         terms = torch.empty_like(scaled_gradient)
-        window_size = kernel_width * kernel_height
         self._dispatch(
             terms_kernel, dy, x, row_sums, scaled_gradient, terms, width, height, columns,
-            *window_extent(kernel_height, height), alpha / window_size, delta, -beta, -beta - 1.0, threads=columns,
+            *window_extent(kernel_height, height), scale, delta, -beta, -beta - 1.0, threads=columns,
         )
         # The gradient's window M is the mirror of W: swap before and after.
         term_row_sums = row_sums  # the squares' row sums are no longer needed
@@ -100,9 +135,9 @@ class MetalKernels:
         grad_input = torch.empty_like(x)
         self._dispatch(
             finish_kernel, x, scaled_gradient, term_row_sums, grad_input, width, height, columns,
-            *reversed(window_extent(kernel_height, height)), 2.0 * alpha * beta / window_size, threads=columns,
+            *reversed(window_extent(kernel_height, height)), gradient_scale, threads=columns,
         )
-        return laid_out_like(input, grad_input)
+        return grad_input
 
 
 _device_kernels = None
