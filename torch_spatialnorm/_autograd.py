@@ -17,6 +17,7 @@ from torch.autograd.function import _SingleLevelFunction
 
 from . import _C  # noqa: F401  (registers the schema)
 from ._derivatives import Settings, forward_jvp, gradient_jvp, gradient_vjp
+from ._export import forward_composite_op
 
 forward_op = torch.ops.spatialnorm.forward.default
 backward_op = torch.ops.spatialnorm.backward.default
@@ -39,7 +40,10 @@ def _call(function, op, tensor_count, *args):
 
 
 def call_forward(input, *settings):
-    """spatialnorm::forward, differentiable in every mode."""
+    """spatialnorm::forward, differentiable in every mode; under torch.export the composite that
+    exporters can decompose (torch_spatialnorm/_export.py)."""
+    if torch.compiler.is_exporting():
+        return forward_composite_op(input, *settings)
     return _call(SpatialNormalizationFunction, forward_op, 1, input, *settings)
 
 
