@@ -87,7 +87,7 @@ struct InstructionHash {
 
 struct Traffic {
   uint64_t bytes_read = 0, bytes_written = 0;
-  uint64_t useful_bytes = 0, segment_bytes = 0, instructions = 0, segments = 0;
+  uint64_t useful_bytes = 0, segment_bytes = 0, instructions = 0;
 };
 
 struct Dispatch {
@@ -116,13 +116,13 @@ std::unordered_map<InstructionKey, Instruction, InstructionHash> instructions;
 unsigned current_group[3];
 
 std::string group_name() {
-  const unsigned* g = current_group;
   char text[64];
-  std::snprintf(text, sizeof text, "threadgroup (%u, %u, %u)", g ? g[0] : 0, g ? g[1] : 0, g ? g[2] : 0);
+  std::snprintf(text, sizeof text, "threadgroup (%u, %u, %u)", current_group[0], current_group[1], current_group[2]);
   return text;
 }
 
-// Ends the dispatch with an error: the failing lane never resumes.
+// Ends the dispatch with an error (the first one stands). Called from a lane, the lane never
+// resumes; called from the scheduler, the scheduler stops at its next check.
 void fail(const std::string& message) {
   if (!failed) {
     failed = true;
@@ -239,7 +239,6 @@ void count_instructions() {
     const uint64_t distinct_segments = std::unique(segments.begin(), segments.end()) - segments.begin();
     traffic.useful_bytes += distinct_bytes;
     traffic.segment_bytes += distinct_segments * kSegmentBytes;
-    traffic.segments += distinct_segments;
     traffic.instructions += 1;
   }
   instructions.clear();
@@ -265,12 +264,8 @@ void resolve_simd(std::vector<Fiber*>& lanes) {
   const bool is_float = lanes[0]->simd_is_float;
   auto value = [&](unsigned lane, Fiber* asking) -> double {
     if (lane >= kSimdWidth || by_lane[lane] == nullptr) {
-      if (!failed) {
-        failed = true;
-        error = "lane " + std::to_string(asking->lane.thread_index_in_threadgroup) +
-                " reads SIMD lane " + std::to_string(lane) + " in a SIMD-group function, which is not active" +
-                " (its value is undefined)";
-      }
+      fail("lane " + std::to_string(asking->lane.thread_index_in_threadgroup) + " reads SIMD lane " +
+           std::to_string(lane) + " in a SIMD-group function, which is not active (its value is undefined)");
       return 0;
     }
     return by_lane[lane]->simd_value;
@@ -396,9 +391,8 @@ void run_group(const unsigned position[3], unsigned group_index) {
       if (waiting.empty() || !all) continue;
       for (Fiber* f : waiting) {
         if (f->waiting_at != waiting[0]->waiting_at) {
-          failed = true;
-          error = "lanes of SIMD-group " + std::to_string(s) + " of " + group_name() +
-                  " call different SIMD-group functions at once (divergent control flow)";
+          fail("lanes of SIMD-group " + std::to_string(s) + " of " + group_name() +
+               " call different SIMD-group functions at once (divergent control flow)");
         }
       }
       if (!failed) resolve_simd(waiting);
@@ -413,18 +407,16 @@ void run_group(const unsigned position[3], unsigned group_index) {
       if (fibers[i].state == State::AtBarrier) {
         if (at_barrier++ == 0) site = fibers[i].waiting_at;
         else if (fibers[i].waiting_at != site) {
-          failed = true;
-          error = "lanes of " + group_name() + " wait at different barriers (divergent barrier: a GPU would hang)";
+          fail("lanes of " + group_name() + " wait at different barriers (divergent barrier: a GPU would hang)");
         }
       }
     }
     if (failed || done == lanes) break;
     if (at_barrier != lanes) {
-      failed = true;
-      error = std::to_string(at_barrier) + " of the " + std::to_string(lanes) + " lanes of " + group_name() +
-              " wait at a barrier that the others " +
-              (done > 0 ? "have returned without reaching" : "wait for in a SIMD-group function") +
-              " (divergent barrier: a GPU would hang)";
+      fail(std::to_string(at_barrier) + " of the " + std::to_string(lanes) + " lanes of " + group_name() +
+           " wait at a barrier that the others " +
+           (done > 0 ? "have returned without reaching" : "wait for in a SIMD-group function") +
+           " (divergent barrier: a GPU would hang)");
       break;
     }
     ++epoch;
