@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ._validation import check_forward_arguments
-from .reference import power, window_extent
+from .reference import padded_for_windows, power
 
 torch.library.define(
     "spatialnorm::forward_composite",
@@ -28,14 +28,11 @@ torch.library.define(
 def forward_composite(input, kernel_width, kernel_height, alpha, beta, delta):
     check_forward_arguments(input, kernel_width, kernel_height, alpha, beta, delta)
     x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input  # as the kernels compute
-    height, width = x.shape[-2:]
-    left, right = window_extent(kernel_width, width)
-    top, bottom = window_extent(kernel_height, height)
     if alpha == 0:  # T = delta, whatever the window holds
         t = torch.full_like(x, delta)
     else:
-        pool = (top + bottom + 1, left + right + 1)
-        mean = F.avg_pool2d(F.pad(x * x, (left, right, top, bottom)), pool, stride=1)
+        padded, pool = padded_for_windows(x * x, kernel_width, kernel_height)
+        mean = F.avg_pool2d(padded, pool, stride=1)
         t = delta + mean * (alpha * pool[0] * pool[1] / (kernel_width * kernel_height))
     return (x * power(t, -beta)).to(input.dtype)
 

@@ -16,16 +16,22 @@ def window_extent(kernel_size: int, length: int):
     return min(kernel_size // 2, last), min((kernel_size - 1) // 2, last)
 
 
-def window_sum(x: torch.Tensor, kernel_width: int, kernel_height: int, mirrored: bool = False) -> torch.Tensor:
-    """Sum of ``x`` over each pixel's window W, pixels outside the image counting as zero (the
-    gradient's window M, ``mirrored=True``, is W's mirror image)."""
+def padded_for_windows(x: torch.Tensor, kernel_width: int, kernel_height: int, mirrored: bool = False):
+    """(``x`` padded with zeros by the window's reach, the pool size (rows, columns)): pooling the
+    padded tensor with stride 1 visits each pixel's window W (its mirror M, ``mirrored=True``)."""
     height, width = x.shape[-2:]
     left, right = window_extent(kernel_width, width)
     top, bottom = window_extent(kernel_height, height)
     if mirrored:
         left, right, top, bottom = right, left, bottom, top
-    padded = F.pad(x, (left, right, top, bottom))
-    return F.avg_pool2d(padded, (top + bottom + 1, left + right + 1), stride=1, divisor_override=1)
+    return F.pad(x, (left, right, top, bottom)), (top + bottom + 1, left + right + 1)
+
+
+def window_sum(x: torch.Tensor, kernel_width: int, kernel_height: int, mirrored: bool = False) -> torch.Tensor:
+    """Sum of ``x`` over each pixel's window W, pixels outside the image counting as zero (the
+    gradient's window M, ``mirrored=True``, is W's mirror image)."""
+    padded, pool = padded_for_windows(x, kernel_width, kernel_height, mirrored)
+    return F.avg_pool2d(padded, pool, stride=1, divisor_override=1)
 
 
 def denominator(x, kernel_width, kernel_height, alpha, delta):
