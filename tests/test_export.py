@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import torch_spatialnorm as sn
+from torch_spatialnorm import reference
 from helpers import random_image
 
 WINDOWS = [(3, 3), (4, 4), (5, 2)]  # odd, even, rectangular
@@ -38,6 +39,23 @@ def test_export_decomposes_into_core_aten_ops(window, alpha, generator):
         assert DECOMPOSITION_OPS <= {t._opname for t in targets}
     with torch.no_grad():
         torch.testing.assert_close(decomposed.module()(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_decomposition_holds_on_spikes_tiny_delta_and_nan(generator):
+    """Against the float64 reference, on data within float32's range that breaks careless sums:
+    a spike of 1e15 beside values near 1, a delta of 1e-30 over windows of zeros, NaN and inf."""
+    x = random_image((1, 2, 12, 11), 1.0, generator)
+    x[0, 0, 5, 5] = 1e15
+    x[0, 1, :4, :4] = 0.0
+    x[0, 1, 8, 2] = float("nan")
+    x[0, 1, 10, 9] = float("inf")
+    layer = sn.SpatialNormalization(3, 4, alpha=1.0, beta=0.75, delta=1e-30)
+    decomposed = torch.export.export(layer, (x.float(),)).run_decompositions()
+    out = decomposed.module()(x.float()).double()
+    expected = reference.spatial_normalization(x.float().double(), 3, 4, 1.0, 0.75, 1e-30)
+    assert torch.equal(out.isnan(), expected.isnan())
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(out, layer(x.float()).double(), rtol=1e-5, atol=1e-6, equal_nan=True)
 
 
 def test_export_keeps_16_bit_math_in_float32(generator):
