@@ -49,6 +49,16 @@ def test_float32_accuracy_bar(generator):
         run_both(x, dy, kernel, dict(alpha=1.0, beta=0.75, delta=1.0), torch.float32)
 
 
+@pytest.mark.parametrize("shape, kernel", [((1, 2, 9, 1000), (41, 5)), ((1, 2, 1900, 6), (3, 41)), ((2, 2, 40, 50), (45, 45))])
+def test_line_passes(shape, kernel, generator):
+    """The gradient's windows from 40 wide take the line passes: lines staged in shared memory,
+    and lines too long for it (1000 wide, 1900 tall) walked in device memory."""
+    x = random_image(shape, 3.0, generator)
+    dy = random_image(shape, 1.0, generator)
+    run_both(x, dy, kernel, SETTINGS[1], torch.float64)
+    run_both(x.float().double(), dy.float().double(), kernel, SETTINGS[1], torch.float32)
+
+
 def test_nan_and_inf_stay_in_their_windows():
     x = torch.randn(1, 2, 40, 50, dtype=torch.float64)
     x[0, 0, 5, 6] = float("nan")
@@ -111,6 +121,7 @@ def test_compute_sanitizer_is_clean(tool):
         "import torch, torch_spatialnorm as sn\n"
         "x = torch.randn(2, 3, 20, 37, device='cuda'); g = torch.randn_like(x)\n"
         "sn.spatial_normalization(x, 5, 3); sn.spatial_normalization_gradient(g, x, 4, 6)\n"
+        "sn.spatial_normalization_gradient(g, x, 41, 3)\n"
         "torch.cuda.synchronize()\n"
     )
     result = subprocess.run(

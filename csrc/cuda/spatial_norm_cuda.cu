@@ -7,18 +7,17 @@
 // threads on consecutive columns. Each kernel reads its inputs and writes its output once, apart from the
 // halos (mostly served by L2). The gradient is one kernel too: it makes G = dY*X*T^(-beta-1) over
 // the tile and the mirrored window's halo, then sums G over the mirrored windows of the tile.
-// Windows whose halo would not fit shared memory beside a tile run a composite of ATen ops.
+// Windows whose halo would not fit shared memory beside a tile, and the gradient's from 40 wide,
+// take separable passes over whole lines instead (line_passes.cuh), whose cost does not grow
+// with the window.
 #include "../spatial_norm.h"
+#include "line_passes.cuh"
 #include "powers.cuh"
 #include "shared_tile.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/TensorOperators.h>
-#include <ATen/ops/avg_pool2d.h>
-#include <ATen/ops/constant_pad_nd.h>
-#include <ATen/ops/full_like.h>
-#include <ATen/ops/where.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -282,43 +281,55 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
                 });
 }
 
-// The composite used where a window is too wide for a tile, in float64 so that no power or
-// product of the formula overflows where the exact result is finite: window sums by zero
-// padding and sum pooling (each window summed on its own), then the rules of
-// docs/definition.md ("Edge cases").
-at::Tensor window_sum(const at::Tensor& values, Extents w) {
-  const at::Tensor padded = at::constant_pad_nd(values, {w.left, w.right, w.top, w.bottom}, 0);
-  return at::avg_pool2d(padded, {w.height(), w.width()}, {1, 1}, {0, 0}, false, true, 1);
-}
+// The line passes (line_passes.cuh), where a window is too wide for a tile or costs more there:
+// what each element of a pass's output gets.
 
-at::Tensor composite_power(const at::Tensor& t, double exponent) {
-  return at::where(t <= 0, std::numeric_limits<double>::quiet_NaN(), t.pow(exponent));
-}
+template <typename scalar_t>
+struct ForwardOutput {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict__ x;
+  scalar_t* __restrict__ y;
+  Coefficients<opmath_t> k;
 
-at::Tensor composite_denominator(const at::Tensor& x, Extents w, const Settings& s) {
-  if (s.alpha == 0) {
-    return at::full_like(x, s.delta);
+  __device__ void operator()(int64_t at, opmath_t sum) const {
+    y[at] = static_cast<scalar_t>(times_power(static_cast<opmath_t>(x[at]), denominator(k, sum).t, k.neg_beta));
   }
-  return window_sum(x * x, w) * (s.alpha / s.window_size()) + s.delta;
-}
+};
 
-at::Tensor composite_forward(const at::Tensor& input, Extents w, const Settings& s) {
-  const at::Tensor x = input.to(at::kDouble);
-  return (x * composite_power(composite_denominator(x, w, s), -s.beta)).to(input.scalar_type());
-}
+// G = dY*X*T^(-beta-1) and P = dY*T^-beta.
+template <typename scalar_t>
+struct GradientTerms {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict__ dy;
+  const scalar_t* __restrict__ x;
+  opmath_t* __restrict__ g;
+  opmath_t* __restrict__ p;
+  Coefficients<opmath_t> k;
 
-at::Tensor composite_backward(const at::Tensor& grad_output, const at::Tensor& input, Extents w, const Settings& s) {
-  const at::Tensor x = input.to(at::kDouble);
-  const at::Tensor dy = grad_output.to(at::kDouble);
-  const at::Tensor t = composite_denominator(x, w, s);
-  const at::Tensor first = dy * composite_power(t, -s.beta);
-  const double gradient_scale = 2.0 * s.alpha * s.beta / s.window_size();
-  if (gradient_scale == 0) {
-    return first.to(input.scalar_type());
+  __device__ void operator()(int64_t at, opmath_t sum) const {
+    const opmath_t t = denominator(k, sum).t;
+    const opmath_t d = static_cast<opmath_t>(dy[at]);
+    g[at] = times_power(d * static_cast<opmath_t>(x[at]), t, k.g_exponent);
+    p[at] = times_power(d, t, k.neg_beta);
   }
-  const at::Tensor neighbours = window_sum(dy * x * composite_power(t, -s.beta - 1.0), w.mirrored());
-  return (first - x * neighbours * gradient_scale).to(input.scalar_type());
-}
+};
+
+// dX = P - gradient_scale * X * (M-window sum of G).
+template <typename scalar_t>
+struct GradientOutput {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* __restrict__ x;
+  const opmath_t* __restrict__ p;
+  scalar_t* __restrict__ dx;
+  Coefficients<opmath_t> k;
+
+  __device__ void operator()(int64_t at, opmath_t sum) const {
+    // With alpha or beta 0 the second term is absent, whatever G's sum holds.
+    dx[at] = static_cast<scalar_t>(k.gradient_scale == opmath_t(0)
+                                       ? p[at]
+                                       : p[at] - k.gradient_scale * static_cast<opmath_t>(x[at]) * sum);
+  }
+};
 
 template <typename opmath_t>
 Coefficients<opmath_t> coefficients(const Settings& s) {
@@ -405,15 +416,85 @@ int vector_width(bool async, const PlaneShape& shape, std::initializer_list<cons
   return aligned ? static_cast<int>(vector) : 1;
 }
 
-template <typename Kernel, typename Passes, typename... Args>
-void launch_kernel(Kernel kernel, const Launch<Passes>& launch, int64_t planes, Args... args) {
-  if (launch.shared_bytes > 48 * 1024) {  // beyond the default, a kernel must ask for it
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(launch.shared_bytes)));
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, int64_t blocks, int threads, size_t shared_bytes, Args... args) {
+  if (shared_bytes > 48 * 1024) {  // beyond the default, a kernel must ask for it
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
   }
-  kernel<<<launch.grid.blocks(planes), launch.threads, launch.shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(args...);
+  kernel<<<blocks, threads, shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
+
+template <typename Kernel, typename Passes, typename... Args>
+void launch_kernel(Kernel kernel, const Launch<Passes>& planned, int64_t planes, Args... args) {
+  launch(kernel, planned.grid.blocks(planes), planned.threads, planned.shared_bytes, args...);
+}
+
+constexpr int kLineThreads = 128;
+
+template <typename opmath_t>
+at::Tensor scratch_like(const at::Tensor& input, int64_t elements) {
+  return at::empty({elements}, input.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
+}
+
+template <typename scalar_t, typename Value, typename Emit>
+void window_sums_by_lines(const scalar_t* source, const at::Tensor& sums, const PlaneShape& shape,
+                          const ScratchPlanes& scratch, Extents w, Value value, Emit emit) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const LineSet rows = rows_of(shape.planes, shape.height, shape.width);
+  const LineSet columns = columns_of(shape.planes, shape.height, shape.width);
+  const size_t limit = shared_memory().per_block;
+  const size_t row_bytes = staged_row_bytes<opmath_t>(shape.width);
+  if (row_bytes <= limit) {
+    launch(staged_row_window_sums<scalar_t, opmath_t, Value>, (rows.count + kBand - 1) / kBand, kStagedThreads,
+           row_bytes, source, sums.mutable_data_ptr<opmath_t>(), rows, scratch, w.left, w.width(), value);
+  } else {
+    launch(row_window_sums<scalar_t, opmath_t, Value>, (rows.count + kLineThreads - 1) / kLineThreads, kLineThreads,
+           0, source, sums.mutable_data_ptr<opmath_t>(), rows, scratch, int64_t{w.left}, int64_t{w.width()}, value);
+  }
+  const size_t column_bytes = staged_column_bytes<opmath_t>(scratch);
+  if (column_bytes <= limit) {
+    launch(staged_column_window_sums<opmath_t, Emit>, shape.planes * ((shape.width + kBand - 1) / kBand),
+           kStagedThreads, column_bytes, sums.const_data_ptr<opmath_t>(), scratch, w.top, w.height(), emit);
+  } else {
+    launch(column_window_sums<opmath_t, Emit>, (columns.count + kLineThreads - 1) / kLineThreads, kLineThreads, 0,
+           sums.mutable_data_ptr<opmath_t>(), columns, scratch, int64_t{w.top}, int64_t{w.height()}, emit);
+  }
+}
+
+template <typename scalar_t>
+void forward_by_lines(const at::Tensor& x, const at::Tensor& y, const PlaneShape& shape, Extents w,
+                      const Coefficients<at::opmath_type<scalar_t>>& k) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const ScratchPlanes scratch{shape.height, shape.width, w.top};
+  const at::Tensor sums = scratch_like<opmath_t>(x, shape.planes * scratch.plane_size());
+  window_sums_by_lines(x.const_data_ptr<scalar_t>(), sums, shape, scratch, w, Square<scalar_t>(),
+                       ForwardOutput<scalar_t>{x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), k});
+}
+
+template <typename scalar_t>
+void backward_by_lines(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const PlaneShape& shape,
+                       Extents w, const Coefficients<at::opmath_type<scalar_t>>& k) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const Extents m = w.mirrored();
+  const ScratchPlanes scratch{shape.height, shape.width, std::max(w.top, m.top)};
+  const at::Tensor sums = scratch_like<opmath_t>(x, shape.planes * scratch.plane_size());
+  const at::Tensor g = scratch_like<opmath_t>(x, x.numel());
+  const at::Tensor p = scratch_like<opmath_t>(x, x.numel());
+  window_sums_by_lines(x.const_data_ptr<scalar_t>(), sums, shape, scratch, w, Square<scalar_t>(),
+                       GradientTerms<scalar_t>{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                               g.mutable_data_ptr<opmath_t>(), p.mutable_data_ptr<opmath_t>(), k});
+  window_sums_by_lines(g.const_data_ptr<opmath_t>(), sums, shape, scratch, m, Identity(),
+                       GradientOutput<scalar_t>{x.const_data_ptr<scalar_t>(), p.const_data_ptr<opmath_t>(),
+                                                dx.mutable_data_ptr<scalar_t>(), k});
+}
+
+// The gradient takes the line passes from this window size on, where its tiles' halos cost more
+// than the passes' scratch (on an H100 at 32x64x112x112 float32: tiles 0.67 ms at 31x31 and
+// 1.70 ms at 47x47, line passes 1.37 and 1.45 ms, whatever the window). The forward's tiles stay
+// ahead as long as a tile fits (0.71 against 0.79 ms at 101x101).
+constexpr int kGradientByLinesFrom = 40;
 
 at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel_height, double alpha, double beta,
                    double delta) {
@@ -427,14 +508,14 @@ at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel
   const at::Tensor x = input.contiguous();
   const Extents w = extents(settings, shape);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_forward_cuda", [&] {
+    const auto k = coefficients<at::opmath_type<scalar_t>>(settings);
     const auto launch = plan<ForwardArrays<scalar_t>, ForwardPasses>(shape, w, vector_width<scalar_t>(false, shape, {&x}));
     if (!launch) {
-      output.contiguous().copy_(composite_forward(x, w, settings));
+      forward_by_lines<scalar_t>(x, output.contiguous(), shape, w, k);
       return;
     }
     launch_kernel(forward_kernel<scalar_t>, *launch, shape.planes, x.const_data_ptr<scalar_t>(),
-                  output.contiguous().mutable_data_ptr<scalar_t>(), launch->grid, launch->passes, w,
-                  coefficients<at::opmath_type<scalar_t>>(settings));
+                  output.contiguous().mutable_data_ptr<scalar_t>(), launch->grid, launch->passes, w, k);
   });
   return output.finish();
 }
@@ -454,8 +535,8 @@ at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& input, int6
   const Extents w = extents(settings, shape);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_backward_cuda", [&] {
     const auto launch = plan<BackwardArrays<scalar_t>, BackwardPasses>(shape, w, vector_width<scalar_t>(true, shape, {&x, &dy}));
-    if (!launch) {
-      grad_input.contiguous().copy_(composite_backward(dy, x, w, settings));
+    if (!launch || std::max(w.width(), w.height()) >= kGradientByLinesFrom) {
+      backward_by_lines<scalar_t>(dy, x, grad_input.contiguous(), shape, w, coefficients<at::opmath_type<scalar_t>>(settings));
       return;
     }
     launch_kernel(backward_kernel<scalar_t>, *launch, shape.planes, dy.const_data_ptr<scalar_t>(),
