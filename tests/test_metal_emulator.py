@@ -50,6 +50,20 @@ kernel void too_much_threadgroup_memory(device float* out [[buffer(0)]], uint i 
   out[i] = tile[i];
 }
 
+// Writes the even elements only.
+kernel void write_even(device float* out [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  if (i % 2 == 0) {
+    out[i] = float(i);
+  }
+}
+
+// Doubles the even elements in place.
+kernel void double_even(device float* data [[buffer(0)]], uint i [[thread_position_in_grid]]) {
+  if (i % 2 == 0) {
+    data[i] = 2.0f * data[i];
+  }
+}
+
 // The last lane reads one element past what the threadgroup wrote.
 kernel void read_unwritten(device const float* in [[buffer(0)]], device float* out [[buffer(1)]],
                            uint i [[thread_position_in_grid]]) {
@@ -154,8 +168,21 @@ def test_reading_threadgroup_memory_nobody_wrote_is_refused(library):
         library.read_unwritten(torch.randn(64), torch.empty(64), threads=64)
 
 
+def test_unwritten_outputs_show_and_in_place_updates_keep_the_rest(library, generator):
+    """An element an output kernel leaves is NaN; a buffer the kernel reads and writes keeps what
+    it does not write, as a GPU buffer does."""
+    out = torch.randn(64, generator=generator)
+    library.write_even(out, threads=64)
+    assert torch.equal(out[::2], torch.arange(0, 64, 2, dtype=torch.float32)) and out[1::2].isnan().all()
+    data = torch.randn(64, generator=generator)
+    expected = data.clone()
+    expected[::2] *= 2
+    library.double_even(data, threads=64)
+    assert torch.equal(data, expected)
+
+
 def test_two_lanes_writing_one_element_are_refused(library):
-    with pytest.raises(EmulatorError, match="both write byte 0 of buffer 'out' in one dispatch"):
+    with pytest.raises(EmulatorError, match=r"both write byte \d+ of buffer 'out' in one dispatch"):
         library.same_output_twice(torch.randn(8), torch.empty(4), threads=8)
 
 

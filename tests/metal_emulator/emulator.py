@@ -9,9 +9,10 @@ storage offset, strides ignored; a Python int as 8 bytes (int64); a Python float
 (float32); a list of ints as an array of int64 (for a ``constant`` struct of ``long`` fields).
 Bindings that the real one would get silently wrong are refused with BindingError: a scalar of
 the wrong byte size, a tensor whose dtype differs from the pointer's type, a list whose size is
-not the struct's, a missing or extra argument. Buffers the kernel may write (``device T*``
-without const) are filled with NaN before the run, so an element the kernel fails to write shows
-up as NaN.
+not the struct's, a missing or extra argument. Where a dispatch writes a buffer
+(``device T*`` without const) and never reads what it held before, the bytes it did not write
+become NaN, so an element the kernel fails to write shows up as NaN; a buffer the kernel updates
+in place (reads before it writes) keeps its contents, as on a GPU.
 
 The lanes of a threadgroup run as fibers with true barrier semantics (runtime.cpp), in a
 different order in each threadgroup (forward, backward, shuffled). The kernel code is compiled
@@ -316,19 +317,22 @@ class _Buffer:
     lives within GUARD_BYTES of the buffer, so the runtime takes an access there for an overrun
     of this buffer (and reports it)."""
 
-    def __init__(self, tensor: torch.Tensor, poison: bool):
+    def __init__(self, tensor: torch.Tensor):
         storage = tensor.untyped_storage()
         start = tensor.storage_offset() * tensor.element_size()
         self.data = torch.empty(0, dtype=torch.uint8).set_(storage)[start:]
         self.padded = torch.full((GUARD_BYTES + self.data.numel() + GUARD_BYTES,), 0xFF, dtype=torch.uint8)
-        if not poison:
-            self.padded[GUARD_BYTES : GUARD_BYTES + self.data.numel()] = self.data
+        self.padded[GUARD_BYTES : GUARD_BYTES + self.data.numel()] = self.data
 
     def address(self) -> int:
         return self.padded.data_ptr() + GUARD_BYTES
 
-    def finish(self) -> None:
-        self.data.copy_(self.padded[GUARD_BYTES : GUARD_BYTES + self.data.numel()])
+    def finish(self, runtime, index: int) -> None:
+        contents = self.padded[GUARD_BYTES : GUARD_BYTES + self.data.numel()]
+        written = torch.empty_like(contents)
+        if runtime.metal_emulator_written_bytes(ctypes.c_uint(index), ctypes.c_void_p(written.data_ptr())):
+            contents[written == 0] = 0xFF  # NaN in every float type
+        self.data.copy_(contents)
 
 
 def _bind_scalar(value, parameter: Parameter):
@@ -422,7 +426,7 @@ class EmulatedLibrary:
                     raise BindingError(f"{p.name}: tensor of dtype {value.dtype} bound to `{p.declaration}`")
                 if value.device.type != "cpu":
                     raise BindingError(f"{p.name}: the emulator runs on CPU tensors, got {value.device}")
-                buffer = _Buffer(value, poison=not p.is_const)
+                buffer = _Buffer(value)
                 tensors.append(buffer)
                 runtime.metal_emulator_add_buffer(
                     ctypes.c_void_p(buffer.address()), ctypes.c_ulong(buffer.data.numel()), int(not p.is_const),
@@ -452,5 +456,5 @@ class EmulatedLibrary:
             figures = (ctypes.c_uint64 * 6)()
             runtime.metal_emulator_traffic(figures)
             self._log.append(Traffic(kernel.host_name, *figures))
-        for buffer in tensors:
-            buffer.finish()
+        for index, buffer in enumerate(tensors):
+            buffer.finish(runtime, index)

@@ -50,6 +50,7 @@ struct Buffer {
   bool writable;
   std::string name;
   std::vector<int32_t> writer;  // per byte: 1 + the global index of the lane that wrote it
+  bool read_prior = false;      // whether the dispatch read a byte it had not written (in place)
 };
 
 struct ThreadgroupArray {
@@ -185,6 +186,9 @@ void observe_device(Buffer& b, uintptr_t address, unsigned size, bool write, uin
     }
     traffic.bytes_written += size;
   } else {
+    for (unsigned i = 0; b.writable && !b.read_prior && i < size; ++i) {
+      b.read_prior = b.writer[offset + i] == 0;
+    }
     traffic.bytes_read += size;
   }
   // The k-th execution of one access site by the lanes of one SIMD-group is one instruction.
@@ -483,6 +487,20 @@ void metal_emulator_add_buffer(void* address, unsigned long bytes, int writable,
   const auto begin = reinterpret_cast<uintptr_t>(address);
   buffers.push_back({begin, begin + bytes, writable != 0, name, {}});
   if (writable) buffers.back().writer.assign(bytes, 0);
+}
+
+// For a writable buffer whose earlier contents the dispatch never read: 1 per byte it wrote, 0
+// per byte it left (the host makes those NaN, so an output element never written shows). A buffer
+// the dispatch updated in place keeps its contents, as on a GPU: returns 0 and leaves `mask`.
+int metal_emulator_written_bytes(unsigned index, unsigned char* mask) {
+  const Buffer& b = buffers.at(index);
+  if (!b.writable || b.read_prior) {
+    return 0;
+  }
+  for (size_t i = 0; i < b.writer.size(); ++i) {
+    mask[i] = b.writer[i] != 0;
+  }
+  return 1;
 }
 
 // Runs a dispatch of `grid` threads in threadgroups of `group`; returns 0, or 1 with the reason
