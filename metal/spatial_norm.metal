@@ -9,7 +9,8 @@
 // and down columns with sums that never subtract (WindowWalk).
 //
 // Windows too large for threadgroup memory take the general path: separable passes with one
-// thread per row or column and full-size float32 row sums in device memory.
+// thread per row or column and full-size float32 row sums in device memory, summed by blocks
+// (BlockWalk) at a cost per window that does not grow with the window.
 //
 // Inputs and outputs are float, half or bfloat; all arithmetic is float32.
 //
@@ -72,16 +73,6 @@ struct WindowWalk {
     }
     return suffix[position++] + beyond;
   }
-};
-
-// Terms of a line in device memory, `stride` elements apart, f applied; zero outside the line.
-template <typename T, typename F>
-struct DeviceLine {
-  device const T* line;
-  long length;
-  long stride;
-
-  float operator()(long i) const { return i >= 0 && i < length ? F()(line[i * stride]) : 0.0f; }
 };
 
 struct Square {
@@ -425,6 +416,80 @@ kernel void gradient_tiled(device const T* grad_output [[buffer(0)]], device con
 // ----------------------------------------------------------------------------------------------
 // General path: separable passes for windows too large for threadgroup memory.
 
+// Window sums along a line by blocks (van Herk / Gil-Werman), for the general path's threads,
+// each of which walks a whole line: next() returns the sums over [i - before, i + after] for
+// i = 0, 1, 2, ... (terms outside the line are zero). The line is cut into blocks as long as the
+// window from its first term; a window that starts at term a >= 0 is the suffix of a's block from
+// a plus the prefix of the next block up to a + window - 1. When the walk reaches a block's
+// first term it makes the block's suffix sums, backwards, and keeps them where the Line says
+// (over the terms themselves where the line is scratch: every term is read before its suffix
+// takes its place); the prefix grows by one term per window. The first `before` windows, which
+// start before the line, are prefixes of the first block. About three terms per window whatever
+// its size, none subtracted.
+template <typename Line>
+struct BlockWalk {
+  Line line;
+  long length, before, after, window;
+  long i;        // the next window
+  float prefix;  // of the first block (windows before the line), then of the next block
+
+  BlockWalk(Line line_, long length_, long before_, long after_)
+      : line(line_), length(length_), before(before_), after(after_), window(before_ + after_ + 1), i(0), prefix(0.0f) {}
+
+  float next() {
+    const long a = i++ - before;
+    if (a < 0) {
+      if (a == -before) {
+        for (long j = 0; j < after; ++j) {
+          prefix += line.term(j);
+        }
+      }
+      prefix += line.term(a + window - 1);
+      return prefix;
+    }
+    if (a % window == 0) {
+      float suffix = 0.0f;
+      for (long j = min(a + window, length) - 1; j >= a; --j) {
+        suffix += line.term(j);
+        line.keep(j, suffix);
+      }
+      prefix = 0.0f;
+    } else {
+      prefix += line.term(a + window - 1);
+    }
+    return line.kept(a) + prefix;
+  }
+};
+
+// A column of float scratch, `stride` elements apart, that the walk overwrites with its suffixes.
+struct ScratchColumn {
+  device float* line;
+  long length;
+  long stride;
+
+  float term(long j) const { return j < length ? line[j * stride] : 0.0f; }
+  void keep(long j, float suffix) const { line[j * stride] = suffix; }
+  float kept(long j) const { return line[j * stride]; }
+};
+
+// A row of the input, f applied, whose sums go to a row of scratch: the suffix from term j is
+// kept where window j + before's sum goes, which the walk has not written yet.
+template <typename T, typename F>
+struct RowIntoSums {
+  device const T* row;
+  device float* sums;
+  long length;
+  long before;
+
+  float term(long j) const { return j < length ? F()(row[j]) : 0.0f; }
+  void keep(long j, float suffix) const {
+    if (j + before < length) {
+      sums[j + before] = suffix;
+    }
+  }
+  float kept(long j) const { return sums[j + before]; }
+};
+
 // One thread per (plane, row): sums along the row over [x - before, x + after], f applied first.
 template <typename T, typename F>
 void row_sums_impl(device const T* input, device float* sums, long width, long lines, long before, long after,
@@ -433,7 +498,7 @@ void row_sums_impl(device const T* input, device float* sums, long width, long l
     return;
   }
   const long start = long(index) * width;
-  WindowWalk<DeviceLine<T, F>> window(DeviceLine<T, F>{input + start, width, 1}, -before, before + after + 1);
+  BlockWalk<RowIntoSums<T, F>> window(RowIntoSums<T, F>{input + start, sums + start, width, before}, width, before, after);
   for (long x = 0; x < width; ++x) {
     sums[start + x] = window.next();
   }
@@ -462,7 +527,7 @@ inline long column_start(uint index, long width, long height) {
 
 // One thread per (plane, column): Y = X * (delta + scale * window sum)^-beta.
 template <typename T>
-kernel void forward_from_row_sums(device const T* input [[buffer(0)]], device const float* row_sums [[buffer(1)]],
+kernel void forward_from_row_sums(device const T* input [[buffer(0)]], device float* row_sums [[buffer(1)]],
                                   device T* output [[buffer(2)]], constant long& width [[buffer(3)]],
                                   constant long& height [[buffer(4)]], constant long& columns [[buffer(5)]],
                                   constant long& before [[buffer(6)]], constant long& after [[buffer(7)]],
@@ -472,8 +537,7 @@ kernel void forward_from_row_sums(device const T* input [[buffer(0)]], device co
     return;
   }
   const long start = column_start(index, width, height);
-  WindowWalk<DeviceLine<float, AsFloat>> window(DeviceLine<float, AsFloat>{row_sums + start, height, width}, -before,
-                                                before + after + 1);
+  BlockWalk<ScratchColumn> window(ScratchColumn{row_sums + start, height, width}, height, before, after);
   for (long y = 0; y < height; ++y) {
     const long i = start + y * width;
     const float t = denominator(window.next(), scale, delta);
@@ -485,7 +549,7 @@ kernel void forward_from_row_sums(device const T* input [[buffer(0)]], device co
 // product with its power (T^-beta alone can overflow where dY * T^-beta is finite).
 template <typename T>
 kernel void gradient_terms(device const T* grad_output [[buffer(0)]], device const T* input [[buffer(1)]],
-                           device const float* row_sums [[buffer(2)]], device float* scaled_gradient [[buffer(3)]],
+                           device float* row_sums [[buffer(2)]], device float* scaled_gradient [[buffer(3)]],
                            device float* terms [[buffer(4)]], constant long& width [[buffer(5)]],
                            constant long& height [[buffer(6)]], constant long& columns [[buffer(7)]],
                            constant long& before [[buffer(8)]], constant long& after [[buffer(9)]],
@@ -496,8 +560,7 @@ kernel void gradient_terms(device const T* grad_output [[buffer(0)]], device con
     return;
   }
   const long start = column_start(index, width, height);
-  WindowWalk<DeviceLine<float, AsFloat>> window(DeviceLine<float, AsFloat>{row_sums + start, height, width}, -before,
-                                                before + after + 1);
+  BlockWalk<ScratchColumn> window(ScratchColumn{row_sums + start, height, width}, height, before, after);
   for (long y = 0; y < height; ++y) {
     const long i = start + y * width;
     const float t = denominator(window.next(), scale, delta);
@@ -511,7 +574,7 @@ kernel void gradient_terms(device const T* grad_output [[buffer(0)]], device con
 // of G); with alpha or beta 0 (gradient_scale 0) the second term is absent, whatever G holds.
 template <typename T>
 kernel void gradient_from_row_sums(device const T* input [[buffer(0)]], device const float* scaled_gradient [[buffer(1)]],
-                                   device const float* term_row_sums [[buffer(2)]], device T* grad_input [[buffer(3)]],
+                                   device float* term_row_sums [[buffer(2)]], device T* grad_input [[buffer(3)]],
                                    constant long& width [[buffer(4)]], constant long& height [[buffer(5)]],
                                    constant long& columns [[buffer(6)]], constant long& before [[buffer(7)]],
                                    constant long& after [[buffer(8)]], constant float& gradient_scale [[buffer(9)]],
@@ -520,8 +583,7 @@ kernel void gradient_from_row_sums(device const T* input [[buffer(0)]], device c
     return;
   }
   const long start = column_start(index, width, height);
-  WindowWalk<DeviceLine<float, AsFloat>> window(DeviceLine<float, AsFloat>{term_row_sums + start, height, width},
-                                                -before, before + after + 1);
+  BlockWalk<ScratchColumn> window(ScratchColumn{term_row_sums + start, height, width}, height, before, after);
   for (long y = 0; y < height; ++y) {
     const long i = start + y * width;
     const float neighbours = window.next();
@@ -549,21 +611,21 @@ kernel void gradient_from_row_sums(device const T* input [[buffer(0)]], device c
       constant long& lines [[buffer(3)]], constant long& before [[buffer(4)]], constant long& after [[buffer(5)]], \
       uint index [[thread_position_in_grid]]);                                                                      \
   template [[host_name("forward_from_row_sums_" #T)]] kernel void forward_from_row_sums<T>(                         \
-      device const T* input [[buffer(0)]], device const float* row_sums [[buffer(1)]], device T* output [[buffer(2)]], \
+      device const T* input [[buffer(0)]], device float* row_sums [[buffer(1)]], device T* output [[buffer(2)]], \
       constant long& width [[buffer(3)]], constant long& height [[buffer(4)]], constant long& columns [[buffer(5)]], \
       constant long& before [[buffer(6)]], constant long& after [[buffer(7)]], constant float& scale [[buffer(8)]], \
       constant float& delta [[buffer(9)]], constant float& neg_beta [[buffer(10)]],                                \
       uint index [[thread_position_in_grid]]);                                                                      \
   template [[host_name("gradient_terms_" #T)]] kernel void gradient_terms<T>(                                       \
       device const T* grad_output [[buffer(0)]], device const T* input [[buffer(1)]],                              \
-      device const float* row_sums [[buffer(2)]], device float* scaled_gradient [[buffer(3)]],                     \
+      device float* row_sums [[buffer(2)]], device float* scaled_gradient [[buffer(3)]],                     \
       device float* terms [[buffer(4)]], constant long& width [[buffer(5)]], constant long& height [[buffer(6)]],  \
       constant long& columns [[buffer(7)]], constant long& before [[buffer(8)]], constant long& after [[buffer(9)]], \
       constant float& scale [[buffer(10)]], constant float& delta [[buffer(11)]], constant float& neg_beta [[buffer(12)]], \
       constant float& g_exponent [[buffer(13)]], uint index [[thread_position_in_grid]]);                          \
   template [[host_name("gradient_from_row_sums_" #T)]] kernel void gradient_from_row_sums<T>(                       \
       device const T* input [[buffer(0)]], device const float* scaled_gradient [[buffer(1)]],                      \
-      device const float* term_row_sums [[buffer(2)]], device T* grad_input [[buffer(3)]],                         \
+      device float* term_row_sums [[buffer(2)]], device T* grad_input [[buffer(3)]],                         \
       constant long& width [[buffer(4)]], constant long& height [[buffer(5)]], constant long& columns [[buffer(6)]], \
       constant long& before [[buffer(7)]], constant long& after [[buffer(8)]],                                     \
       constant float& gradient_scale [[buffer(9)]], uint index [[thread_position_in_grid]]);
