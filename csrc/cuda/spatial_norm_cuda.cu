@@ -70,6 +70,14 @@ __device__ inline PowerBase<opmath_t> denominator(const Coefficients<opmath_t>& 
   return PowerBase<opmath_t>(k.scale == opmath_t(0) ? k.delta : k.delta + k.scale * window_sum);
 }
 
+// dX = dY*T^-beta - gradient_scale * X * (M-window sum of G); with alpha or beta 0 the second
+// term is absent, whatever G's sum holds.
+template <typename opmath_t>
+__device__ inline opmath_t gradient_of_input(const Coefficients<opmath_t>& k, opmath_t dy_p, opmath_t x,
+                                             opmath_t g_sum) {
+  return k.gradient_scale == opmath_t(0) ? dy_p : dy_p - k.gradient_scale * x * g_sum;
+}
+
 template <typename scalar_t>
 struct Square {
   __device__ at::opmath_type<scalar_t> operator()(scalar_t v) const {
@@ -275,9 +283,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
                 [&](int c, int r, opmath_t sum) {
                   const opmath_t dy_p = a.dy(r + w.bottom, c + w.right);
                   const opmath_t x = static_cast<opmath_t>(a.x(r + w.height() - 1, c + w.width() - 1));
-                  // With alpha or beta 0 the second term is absent, whatever G's sum holds.
-                  dx[r * stride + c] = static_cast<scalar_t>(
-                      k.gradient_scale == opmath_t(0) ? dy_p : dy_p - k.gradient_scale * x * sum);
+                  dx[r * stride + c] = static_cast<scalar_t>(gradient_of_input(k, dy_p, x, sum));
                 });
 }
 
@@ -314,7 +320,7 @@ struct GradientTerms {
   }
 };
 
-// dX = P - gradient_scale * X * (M-window sum of G).
+// dX from P and the M-window sum of G.
 template <typename scalar_t>
 struct GradientOutput {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -324,10 +330,7 @@ struct GradientOutput {
   Coefficients<opmath_t> k;
 
   __device__ void operator()(int64_t at, opmath_t sum) const {
-    // With alpha or beta 0 the second term is absent, whatever G's sum holds.
-    dx[at] = static_cast<scalar_t>(k.gradient_scale == opmath_t(0)
-                                       ? p[at]
-                                       : p[at] - k.gradient_scale * static_cast<opmath_t>(x[at]) * sum);
+    dx[at] = static_cast<scalar_t>(gradient_of_input(k, p[at], static_cast<opmath_t>(x[at]), sum));
   }
 };
 
