@@ -41,45 +41,31 @@ __device__ inline void block_window_sums(Index count, Index window, Term term, K
   }
 }
 
-// Where the lines of a pass lie: `count` lines of `length` elements, `step` apart, each plane
-// holding `per_plane` of them `stride` apart, planes `plane_size` apart.
-struct LineSet {
-  int64_t count;
-  int64_t length;
-  int64_t step;
-  int64_t per_plane;
-  int64_t stride;
-  int64_t plane_size;
-
-  __device__ int64_t start(int64_t line) const { return line / per_plane * plane_size + line % per_plane * stride; }
-};
-
-// The rows of (planes, height, width) planes, and their columns.
-inline LineSet rows_of(int64_t planes, int64_t height, int64_t width) {
-  return {planes * height, width, 1, height, width, height * width};
-}
-
-inline LineSet columns_of(int64_t planes, int64_t height, int64_t width) {
-  return {planes * width, height, width, width, 1, height * width};
-}
-
 // The window sums along the columns are taken in place in the row sums' scratch: each plane of
 // it holds the height rows below `pad` rows (at least the window's reach up), which hold the
 // suffix sums of the first windows. Terms are read before a suffix takes their place.
 struct ScratchPlanes {
+  int64_t planes;
   int64_t height;
   int64_t width;
   int64_t pad;
 
+  __host__ __device__ int64_t rows() const { return planes * height; }       // of all the planes
+  __host__ __device__ int64_t columns() const { return planes * width; }
+
   __host__ __device__ int64_t plane_size() const { return (pad + height) * width; }
+
+  // Where row `row` of plane `plane` starts (negative rows lie in the pad).
+  __device__ int64_t row_start(int64_t plane, int64_t row) const { return plane * plane_size() + (pad + row) * width; }
 };
 
 // Lines staged in shared memory: a block of kStagedThreads threads loads kBand whole lines with
 // coalesced accesses, kBand of its threads sum along one line each, and the block stores the
 // sums with coalesced accesses. Where kBand lines do not fit a block's shared memory, a thread
-// walks its line in device memory instead (line_index kernels below), with the same sums.
+// walks its line in device memory instead (the kernels below), with the same sums.
 constexpr int kBand = 32;
 constexpr int kStagedThreads = 128;
+constexpr int kLineThreads = 128;  // of the kernels that walk lines in device memory
 
 // Shared memory of the staged kernels (the host asks for it where it passes 48 KiB).
 template <typename Sum>
@@ -96,14 +82,14 @@ size_t staged_column_bytes(const ScratchPlanes& scratch) {
 // back, into the rows of the scratch below its pad rows; kBand rows per block.
 template <typename In, typename Sum, typename Value>
 __global__ void __launch_bounds__(kStagedThreads)
-    staged_row_window_sums(const In* __restrict__ source, Sum* __restrict__ sums, LineSet rows,
-                           ScratchPlanes scratch, int before, int window, Value value) {
+    staged_row_window_sums(const In* __restrict__ source, Sum* __restrict__ sums, ScratchPlanes scratch,
+                           int before, int window, Value value) {
   extern __shared__ __align__(16) unsigned char shared[];
-  const int width = static_cast<int>(rows.length), pitch = width | 1;
+  const int width = static_cast<int>(scratch.width), pitch = width | 1;
   Sum* terms = reinterpret_cast<Sum*>(shared);
   Sum* out = terms + kBand * pitch;
   const int64_t first = int64_t{blockIdx.x} * kBand;
-  const int lines = static_cast<int>(min(int64_t{kBand}, rows.count - first));
+  const int lines = static_cast<int>(min(int64_t{kBand}, scratch.rows() - first));
   // The band's rows are consecutive in the source.
   const In* band = source + first * width;
 #pragma unroll 4
@@ -122,8 +108,7 @@ __global__ void __launch_bounds__(kStagedThreads)
   __syncthreads();
   for (int e = threadIdx.x; e < lines * width; e += kStagedThreads) {
     const int64_t row = first + e / width;
-    sums[row / scratch.height * scratch.plane_size() + (scratch.pad + row % scratch.height) * width + e % width] =
-        out[e / width * pitch + e % width];
+    sums[scratch.row_start(row / scratch.height, row % scratch.height) + e % width] = out[e / width * pitch + e % width];
   }
 }
 
@@ -142,7 +127,7 @@ __global__ void __launch_bounds__(kStagedThreads)
   const int64_t strips = (width + kBand - 1) / kBand;
   const int64_t plane = blockIdx.x / strips, column0 = blockIdx.x % strips * kBand;
   const int columns = static_cast<int>(min(int64_t{kBand}, width - column0));
-  const Sum* strip = sums + plane * scratch.plane_size() + scratch.pad * width + column0;
+  const Sum* strip = sums + scratch.row_start(plane, 0) + column0;
 #pragma unroll 4
   for (int e = threadIdx.x; e < height * kBand; e += kStagedThreads) {
     const int r = e / kBand, c = e % kBand;
@@ -165,17 +150,17 @@ __global__ void __launch_bounds__(kStagedThreads)
 
 __device__ inline int64_t line_index() { return int64_t{blockIdx.x} * blockDim.x + threadIdx.x; }
 
-// The same, a thread walking its line in device memory.
+// The same, a thread walking its row in device memory.
 template <typename In, typename Sum, typename Value>
-__global__ void row_window_sums(const In* __restrict__ source, Sum* __restrict__ sums, LineSet rows,
-                                ScratchPlanes scratch, int64_t before, int64_t window, Value value) {
+__global__ void row_window_sums(const In* __restrict__ source, Sum* __restrict__ sums, ScratchPlanes scratch,
+                                int64_t before, int64_t window, Value value) {
   const int64_t line = line_index();
-  if (line >= rows.count) {
+  if (line >= scratch.rows()) {
     return;
   }
-  const In* terms = source + rows.start(line);
-  Sum* out = sums + line / scratch.height * scratch.plane_size() + (scratch.pad + line % scratch.height) * scratch.width;
-  const int64_t width = rows.length;
+  const int64_t width = scratch.width;
+  const In* terms = source + line * width;
+  Sum* out = sums + scratch.row_start(line / scratch.height, line % scratch.height);
   block_window_sums<Sum>(
       width, window,
       [&](int64_t j) { return j >= before && j - before < width ? value(terms[j - before]) : Sum(0); },
@@ -185,21 +170,21 @@ __global__ void row_window_sums(const In* __restrict__ source, Sum* __restrict__
 
 // The same, a thread walking its column in device memory, summed in place in the scratch.
 template <typename Sum, typename Emit>
-__global__ void column_window_sums(Sum* __restrict__ sums, LineSet columns, ScratchPlanes scratch, int64_t before,
-                                   int64_t window, Emit emit) {
+__global__ void column_window_sums(Sum* __restrict__ sums, ScratchPlanes scratch, int64_t before, int64_t window,
+                                   Emit emit) {
   const int64_t line = line_index();
-  if (line >= columns.count) {
+  if (line >= scratch.columns()) {
     return;
   }
   const int64_t plane = line / scratch.width, column = line % scratch.width;
   const int64_t width = scratch.width, height = scratch.height;
-  // Term j of the padded column is scratch row pad - before + j.
-  Sum* slots = sums + plane * scratch.plane_size() + (scratch.pad - before) * width + column;
+  // Term j of the padded column is scratch row j - before.
+  Sum* slots = sums + scratch.row_start(plane, -before) + column;
   block_window_sums<Sum>(
       height, window,
       [&](int64_t j) { return j >= before && j - before < height ? slots[j * width] : Sum(0); },
       [&](int64_t i, Sum suffix) { slots[i * width] = suffix; }, [&](int64_t i) { return slots[i * width]; },
-      [&](int64_t i, Sum sum) { emit(columns.start(line) + i * width, sum); });
+      [&](int64_t i, Sum sum) { emit((plane * height + i) * width + column, sum); });
 }
 
 }  // namespace spatialnorm::cuda

@@ -434,35 +434,32 @@ void launch_kernel(Kernel kernel, const Launch<Passes>& planned, int64_t planes,
   launch(kernel, planned.grid.blocks(planes), planned.threads, planned.shared_bytes, args...);
 }
 
-constexpr int kLineThreads = 128;
-
 template <typename opmath_t>
 at::Tensor scratch_like(const at::Tensor& input, int64_t elements) {
   return at::empty({elements}, input.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
 }
 
 template <typename scalar_t, typename Value, typename Emit>
-void window_sums_by_lines(const scalar_t* source, const at::Tensor& sums, const PlaneShape& shape,
-                          const ScratchPlanes& scratch, Extents w, Value value, Emit emit) {
+void window_sums_by_lines(const scalar_t* source, const at::Tensor& sums, const ScratchPlanes& scratch, Extents w,
+                          Value value, Emit emit) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const LineSet rows = rows_of(shape.planes, shape.height, shape.width);
-  const LineSet columns = columns_of(shape.planes, shape.height, shape.width);
   const size_t limit = shared_memory().per_block;
-  const size_t row_bytes = staged_row_bytes<opmath_t>(shape.width);
+  const size_t row_bytes = staged_row_bytes<opmath_t>(scratch.width);
   if (row_bytes <= limit) {
-    launch(staged_row_window_sums<scalar_t, opmath_t, Value>, (rows.count + kBand - 1) / kBand, kStagedThreads,
-           row_bytes, source, sums.mutable_data_ptr<opmath_t>(), rows, scratch, w.left, w.width(), value);
+    launch(staged_row_window_sums<scalar_t, opmath_t, Value>, (scratch.rows() + kBand - 1) / kBand, kStagedThreads,
+           row_bytes, source, sums.mutable_data_ptr<opmath_t>(), scratch, w.left, w.width(), value);
   } else {
-    launch(row_window_sums<scalar_t, opmath_t, Value>, (rows.count + kLineThreads - 1) / kLineThreads, kLineThreads,
-           0, source, sums.mutable_data_ptr<opmath_t>(), rows, scratch, int64_t{w.left}, int64_t{w.width()}, value);
+    launch(row_window_sums<scalar_t, opmath_t, Value>, (scratch.rows() + kLineThreads - 1) / kLineThreads,
+           kLineThreads, 0, source, sums.mutable_data_ptr<opmath_t>(), scratch, int64_t{w.left}, int64_t{w.width()},
+           value);
   }
   const size_t column_bytes = staged_column_bytes<opmath_t>(scratch);
   if (column_bytes <= limit) {
-    launch(staged_column_window_sums<opmath_t, Emit>, shape.planes * ((shape.width + kBand - 1) / kBand),
+    launch(staged_column_window_sums<opmath_t, Emit>, scratch.planes * ((scratch.width + kBand - 1) / kBand),
            kStagedThreads, column_bytes, sums.const_data_ptr<opmath_t>(), scratch, w.top, w.height(), emit);
   } else {
-    launch(column_window_sums<opmath_t, Emit>, (columns.count + kLineThreads - 1) / kLineThreads, kLineThreads, 0,
-           sums.mutable_data_ptr<opmath_t>(), columns, scratch, int64_t{w.top}, int64_t{w.height()}, emit);
+    launch(column_window_sums<opmath_t, Emit>, (scratch.columns() + kLineThreads - 1) / kLineThreads, kLineThreads,
+           0, sums.mutable_data_ptr<opmath_t>(), scratch, int64_t{w.top}, int64_t{w.height()}, emit);
   }
 }
 
@@ -470,9 +467,9 @@ template <typename scalar_t>
 void forward_by_lines(const at::Tensor& x, const at::Tensor& y, const PlaneShape& shape, Extents w,
                       const Coefficients<at::opmath_type<scalar_t>>& k) {
   using opmath_t = at::opmath_type<scalar_t>;
-  const ScratchPlanes scratch{shape.height, shape.width, w.top};
+  const ScratchPlanes scratch{shape.planes, shape.height, shape.width, w.top};
   const at::Tensor sums = scratch_like<opmath_t>(x, shape.planes * scratch.plane_size());
-  window_sums_by_lines(x.const_data_ptr<scalar_t>(), sums, shape, scratch, w, Square<scalar_t>(),
+  window_sums_by_lines(x.const_data_ptr<scalar_t>(), sums, scratch, w, Square<scalar_t>(),
                        ForwardOutput<scalar_t>{x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), k});
 }
 
@@ -481,14 +478,14 @@ void backward_by_lines(const at::Tensor& dy, const at::Tensor& x, const at::Tens
                        Extents w, const Coefficients<at::opmath_type<scalar_t>>& k) {
   using opmath_t = at::opmath_type<scalar_t>;
   const Extents m = w.mirrored();
-  const ScratchPlanes scratch{shape.height, shape.width, std::max(w.top, m.top)};
+  const ScratchPlanes scratch{shape.planes, shape.height, shape.width, std::max(w.top, m.top)};
   const at::Tensor sums = scratch_like<opmath_t>(x, shape.planes * scratch.plane_size());
   const at::Tensor g = scratch_like<opmath_t>(x, x.numel());
   const at::Tensor p = scratch_like<opmath_t>(x, x.numel());
-  window_sums_by_lines(x.const_data_ptr<scalar_t>(), sums, shape, scratch, w, Square<scalar_t>(),
+  window_sums_by_lines(x.const_data_ptr<scalar_t>(), sums, scratch, w, Square<scalar_t>(),
                        GradientTerms<scalar_t>{dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                                g.mutable_data_ptr<opmath_t>(), p.mutable_data_ptr<opmath_t>(), k});
-  window_sums_by_lines(g.const_data_ptr<opmath_t>(), sums, shape, scratch, m, Identity(),
+  window_sums_by_lines(g.const_data_ptr<opmath_t>(), sums, scratch, m, Identity(),
                        GradientOutput<scalar_t>{x.const_data_ptr<scalar_t>(), p.const_data_ptr<opmath_t>(),
                                                 dx.mutable_data_ptr<scalar_t>(), k});
 }
