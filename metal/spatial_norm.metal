@@ -429,12 +429,12 @@ kernel void gradient_tiled(device const T* grad_output [[buffer(0)]], device con
 template <typename Line>
 struct BlockWalk {
   Line line;
-  long length, before, after, window;
+  long before, after, window;
   long i;        // the next window
   float prefix;  // of the first block (windows before the line), then of the next block
 
-  BlockWalk(Line line_, long length_, long before_, long after_)
-      : line(line_), length(length_), before(before_), after(after_), window(before_ + after_ + 1), i(0), prefix(0.0f) {}
+  BlockWalk(Line line_, long before_, long after_)
+      : line(line_), before(before_), after(after_), window(before_ + after_ + 1), i(0), prefix(0.0f) {}
 
   float next() {
     const long a = i++ - before;
@@ -449,7 +449,7 @@ struct BlockWalk {
     }
     if (a % window == 0) {
       float suffix = 0.0f;
-      for (long j = min(a + window, length) - 1; j >= a; --j) {
+      for (long j = min(a + window, line.length) - 1; j >= a; --j) {
         suffix += line.term(j);
         line.keep(j, suffix);
       }
@@ -498,7 +498,7 @@ void row_sums_impl(device const T* input, device float* sums, long width, long l
     return;
   }
   const long start = long(index) * width;
-  BlockWalk<RowIntoSums<T, F>> window(RowIntoSums<T, F>{input + start, sums + start, width, before}, width, before, after);
+  BlockWalk<RowIntoSums<T, F>> window(RowIntoSums<T, F>{input + start, sums + start, width, before}, before, after);
   for (long x = 0; x < width; ++x) {
     sums[start + x] = window.next();
   }
@@ -537,7 +537,7 @@ kernel void forward_from_row_sums(device const T* input [[buffer(0)]], device fl
     return;
   }
   const long start = column_start(index, width, height);
-  BlockWalk<ScratchColumn> window(ScratchColumn{row_sums + start, height, width}, height, before, after);
+  BlockWalk<ScratchColumn> window(ScratchColumn{row_sums + start, height, width}, before, after);
   for (long y = 0; y < height; ++y) {
     const long i = start + y * width;
     const float t = denominator(window.next(), scale, delta);
@@ -560,7 +560,7 @@ kernel void gradient_terms(device const T* grad_output [[buffer(0)]], device con
     return;
   }
   const long start = column_start(index, width, height);
-  BlockWalk<ScratchColumn> window(ScratchColumn{row_sums + start, height, width}, height, before, after);
+  BlockWalk<ScratchColumn> window(ScratchColumn{row_sums + start, height, width}, before, after);
   for (long y = 0; y < height; ++y) {
     const long i = start + y * width;
     const float t = denominator(window.next(), scale, delta);
@@ -583,7 +583,7 @@ kernel void gradient_from_row_sums(device const T* input [[buffer(0)]], device c
     return;
   }
   const long start = column_start(index, width, height);
-  BlockWalk<ScratchColumn> window(ScratchColumn{term_row_sums + start, height, width}, height, before, after);
+  BlockWalk<ScratchColumn> window(ScratchColumn{term_row_sums + start, height, width}, before, after);
   for (long y = 0; y < height; ++y) {
     const long i = start + y * width;
     const float neighbours = window.next();
