@@ -24,6 +24,8 @@ def _symbolic(value) -> bool:
 
 
 def check_kernel_size(name: str, value) -> int:
+    if type(value) is int and 1 <= value <= MAX_KERNEL_SIZE:  # the common case, before the slower checks
+        return value
     if isinstance(value, torch.SymInt):
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_KERNEL_SIZE:
@@ -32,6 +34,8 @@ def check_kernel_size(name: str, value) -> int:
 
 
 def _check_real(name: str, value) -> float:
+    if type(value) is float:  # the common case, before the slower checks
+        return value
     if isinstance(value, torch.SymFloat):
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -41,14 +45,18 @@ def _check_real(name: str, value) -> float:
 
 def check_alpha(value) -> float:
     value = _check_real("alpha", value)
-    if not _symbolic(value) and not (math.isfinite(value) and value >= 0):
+    if type(value) is float and math.isfinite(value) and value >= 0:
+        return value
+    if not _symbolic(value):
         raise ValueError(f"alpha must be finite and >= 0, got {value}")
     return value
 
 
 def check_finite(name: str, value) -> float:
     value = _check_real(name, value)
-    if not _symbolic(value) and not math.isfinite(value):
+    if type(value) is float and math.isfinite(value):
+        return value
+    if not _symbolic(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
