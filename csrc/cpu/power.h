@@ -121,12 +121,15 @@ class LogExpPower {
 // -2, ...): whole multiples of 1/4 up to 16 in magnitude, t^e = t^n * t^(q/4) made of
 // multiplications (t, t^2, t^4, t^8 by the bits of n), square roots and one reciprocal for a
 // negative e. A few times faster than the logarithm and exponential, and more accurate: about
-// one rounding per multiplication, whatever the size of the power.
+// one rounding per multiplication, whatever the size of the power. kFractional says whether q
+// may be nonzero: whole exponents skip the square roots, which cost as much as the rest.
+template <bool kFractional>
 class QuarterPower {
  public:
   static bool applies(double exponent) {
     const double quarters = 4.0 * std::fabs(exponent);
-    return quarters < 64.0 && quarters == std::floor(quarters);
+    const bool on_grid = quarters < 64.0 && quarters == std::floor(quarters);
+    return on_grid && (kFractional || exponent == std::floor(exponent));
   }
 
   explicit QuarterPower(double exponent)
@@ -137,8 +140,11 @@ class QuarterPower {
 
   float operator()(float t, int32_t& fits) const {
     // Selects on the per-call bits, so that the loops vectorize (the compiler hoists them).
-    const float root = std::sqrt(t);
-    float m = (quarters_ & 2 ? root : 1.0f) * (quarters_ & 1 ? std::sqrt(root) : 1.0f);
+    float m = 1.0f;
+    if constexpr (kFractional) {
+      const float root = std::sqrt(t);
+      m = (quarters_ & 2 ? root : 1.0f) * (quarters_ & 1 ? std::sqrt(root) : 1.0f);
+    }
     const float t2 = t * t;
     const float t4 = t2 * t2;
     m *= (whole_ & 1 ? t : 1.0f) * (whole_ & 2 ? t2 : 1.0f);

@@ -93,8 +93,18 @@ void parallel_batches(int64_t count, int64_t elements, const Fn& fn) {
   });
 }
 
-// The per-element arithmetic of both kernels for one compute type, over spans of elements.
-// T = delta + alpha / (kw * kh) * (window sum of X^2), then
+// T from a window sum of X^2 (delta alone when alpha is 0, whatever the window holds).
+struct Denominator {
+  explicit Denominator(const Settings& s) : delta(s.delta), scale(s.alpha / s.window_size()) {}
+
+  double operator()(double sum) const { return scale == 0.0 ? delta : delta + scale * sum; }
+
+  double delta;
+  double scale;  // alpha / (kw * kh)
+};
+
+// The per-element arithmetic of both kernels for one compute type, over spans of elements, from
+// the window sums of X^2: T = delta + alpha / (kw * kh) * (window sum), then
 //   forward:  Y = X * T^-beta
 //   gradient: dY * T^-beta (the first term of dX), and G = dY * X * T^(-beta-1) for the window
 //             sums of the second, dX = dY * T^-beta - gradient_scale * X * (mirrored sum of G).
@@ -109,55 +119,59 @@ template <>
 class Arithmetic<float> {
  public:
   explicit Arithmetic(const Settings& s)
-      : quarter_powers_(QuarterPower::applies(s.beta)),
+      : denominator_(s),
+        beta_(s.beta),
+        whole_power_(-s.beta),
         quarter_power_(-s.beta),
         log_exp_power_(-s.beta),
         wide_power_(-s.beta),
         wide_power_over_t_(-s.beta - 1.0) {}
 
   template <typename scalar_t>
-  void forward(const scalar_t* __restrict x, const double* __restrict t, scalar_t* __restrict y, int64_t count) const {
-    const bool fits = quarter_powers_ ? forward_in_float(quarter_power_, x, t, y, count)
-                                      : forward_in_float(log_exp_power_, x, t, y, count);
+  void forward(const scalar_t* __restrict x, const double* __restrict sums, scalar_t* __restrict y,
+               int64_t count) const {
+    const bool fits = with_float_power([&](const auto& power) { return forward_in_float(power, x, sums, y, count); });
     if (!fits) {
       for (int64_t c = 0; c < count; ++c) {
-        y[c] = static_cast<scalar_t>(static_cast<double>(x[c]) * wide_power_(t[c]));
+        y[c] = static_cast<scalar_t>(static_cast<double>(x[c]) * wide_power_(denominator_(sums[c])));
       }
     }
   }
 
   template <typename scalar_t>
-  void gradient_terms(const scalar_t* __restrict dy, const scalar_t* __restrict x, const double* __restrict t,
+  void gradient_terms(const scalar_t* __restrict dy, const scalar_t* __restrict x, const double* __restrict sums,
                       double* __restrict first, double* __restrict g, int64_t count) const {
-    const bool fits = quarter_powers_ ? gradient_terms_in_float(quarter_power_, dy, x, t, first, g, count)
-                                      : gradient_terms_in_float(log_exp_power_, dy, x, t, first, g, count);
+    const bool fits = with_float_power(
+        [&](const auto& power) { return gradient_terms_in_float(power, dy, x, sums, first, g, count); });
     if (!fits) {
       for (int64_t c = 0; c < count; ++c) {
         const double dyd = static_cast<double>(dy[c]);
-        first[c] = dyd * wide_power_(t[c]);
-        g[c] = dyd * static_cast<double>(x[c]) * wide_power_over_t_(t[c]);
+        const double t = denominator_(sums[c]);
+        first[c] = dyd * wide_power_(t);
+        g[c] = dyd * static_cast<double>(x[c]) * wide_power_over_t_(t);
       }
     }
   }
 
  private:
   template <typename Power, typename scalar_t>
-  static bool forward_in_float(const Power& power, const scalar_t* __restrict x, const double* __restrict t,
-                               scalar_t* __restrict y, int64_t count) {
+  bool forward_in_float(const Power& power, const scalar_t* __restrict x, const double* __restrict sums,
+                        scalar_t* __restrict y, int64_t count) const {
     int32_t fits = 1;
     for (int64_t c = 0; c < count; ++c) {
-      y[c] = static_cast<scalar_t>(static_cast<float>(x[c]) * power(static_cast<float>(t[c]), fits));
+      const float t = static_cast<float>(denominator_(sums[c]));
+      y[c] = static_cast<scalar_t>(static_cast<float>(x[c]) * power(t, fits));
     }
     return fits;
   }
 
   template <typename Power, typename scalar_t>
-  static bool gradient_terms_in_float(const Power& power, const scalar_t* __restrict dy, const scalar_t* __restrict x,
-                                      const double* __restrict t, double* __restrict first, double* __restrict g,
-                                      int64_t count) {
+  bool gradient_terms_in_float(const Power& power, const scalar_t* __restrict dy, const scalar_t* __restrict x,
+                               const double* __restrict sums, double* __restrict first, double* __restrict g,
+                               int64_t count) const {
     int32_t fits = 1;
     for (int64_t c = 0; c < count; ++c) {
-      const float tf = static_cast<float>(t[c]);
+      const float tf = static_cast<float>(denominator_(sums[c]));
       const float p = power(tf, fits);
       const float p_over_t = p / tf;
       fits &= is_normal(p_over_t);
@@ -168,9 +182,20 @@ class Arithmetic<float> {
     return fits;
   }
 
-  bool quarter_powers_;
-  QuarterPower quarter_power_;   // T^-beta, for beta a whole number of quarters
-  LogExpPower log_exp_power_;    // T^-beta, for any other beta
+  Denominator denominator_;
+  // fn(power) with the fastest float32 power that applies to the exponent.
+  template <typename Fn>
+  bool with_float_power(const Fn& fn) const {
+    if (whole_power_.applies(-beta_)) {
+      return fn(whole_power_);
+    }
+    return quarter_power_.applies(-beta_) ? fn(quarter_power_) : fn(log_exp_power_);
+  }
+
+  double beta_;
+  QuarterPower<false> whole_power_;  // T^-beta, for a whole beta
+  QuarterPower<true> quarter_power_;  // T^-beta, for beta a whole number of quarters
+  LogExpPower log_exp_power_;        // T^-beta, for any other beta
   WidePower wide_power_;         // T^-beta
   WidePower wide_power_over_t_;  // T^(-beta-1)
 };
@@ -179,126 +204,110 @@ class Arithmetic<float> {
 template <>
 class Arithmetic<double> {
  public:
-  explicit Arithmetic(const Settings& s) : beta_(s.beta) {}
+  explicit Arithmetic(const Settings& s) : denominator_(s), beta_(s.beta) {}
 
-  void forward(const double* x, const double* t, double* y, int64_t count) const {
+  void forward(const double* x, const double* sums, double* y, int64_t count) const {
     for (int64_t c = 0; c < count; ++c) {
-      y[c] = times_power(x[c], t[c], -beta_);
+      y[c] = times_power(x[c], denominator_(sums[c]), -beta_);
     }
   }
 
-  void gradient_terms(const double* dy, const double* x, const double* t, double* first, double* g,
+  void gradient_terms(const double* dy, const double* x, const double* sums, double* first, double* g,
                       int64_t count) const {
     for (int64_t c = 0; c < count; ++c) {
-      first[c] = times_power(dy[c], t[c], -beta_);
-      g[c] = times_power(dy[c], x[c], t[c], -beta_ - 1.0);
+      const double t = denominator_(sums[c]);
+      first[c] = times_power(dy[c], t, -beta_);
+      g[c] = times_power(dy[c], x[c], t, -beta_ - 1.0);
     }
   }
 
  private:
+  Denominator denominator_;
   double beta_;
 };
 
-// T for one row of window sums of X^2 (delta alone when alpha is 0, whatever the window holds).
-struct Denominators {
-  explicit Denominators(const Settings& s)
-      : delta(s.delta), scale(s.alpha / s.window_size()) {}
-
-  void operator()(const double* __restrict sums, double* __restrict t, int64_t width) const {
-    for (int64_t c = 0; c < width; ++c) {
-      t[c] = scale == 0.0 ? delta : delta + scale * sums[c];
-    }
+// X^2 in double, what the forward windows sum, for the rows [first, last) of a plane.
+template <typename scalar_t>
+void squares(const scalar_t* plane, WindowSums::RowRange rows, int64_t width, std::vector<double>& out) {
+  const int64_t count = (rows.last - rows.first) * width;
+  out.resize(static_cast<size_t>(count));
+  const scalar_t* __restrict x = plane + rows.first * width;
+  double* __restrict squared = out.data();
+  for (int64_t c = 0; c < count; ++c) {
+    const double d = static_cast<double>(x[c]);
+    squared[c] = d * d;
   }
-
-  double delta;
-  double scale;  // alpha / (kw * kh)
-};
-
-// What the windows sum: the squared input in the forward pass, G in the gradient's second pass.
-struct Squared {
-  template <typename scalar_t>
-  double operator()(scalar_t v) const {
-    const double d = static_cast<double>(v);
-    return d * d;
-  }
-};
-
-struct AsIs {
-  double operator()(double v) const { return v; }
-};
+}
 
 template <typename scalar_t>
 SPATIALNORM_VECTORIZED void forward_bands(const scalar_t* input, scalar_t* output, PlaneShape shape,
                                           const Settings& settings, const Bands& bands, int64_t begin,
                                           int64_t end) {
   const Arithmetic<at::opmath_type<scalar_t>> arithmetic(settings);
-  const Denominators denominators(settings);
   const int64_t width = shape.width;
   WindowSums window(width, forward_extent(settings.kernel_height), forward_extent(settings.kernel_width));
-  std::vector<double> t_rows;
+  std::vector<double> squared;
+  std::vector<double> sums;
   for (int64_t i = begin; i < end; ++i) {
     const Band band = bands[i];
     const int64_t offset = band.plane * shape.height * width + band.row_begin * width;
-    t_rows.resize(static_cast<size_t>((band.row_end - band.row_begin) * width));
-    window.run(input + band.plane * shape.height * width, shape.height, band.row_begin, band.row_end, Squared{},
-               [&](int64_t row, const double* sums) {
-                 denominators(sums, t_rows.data() + (row - band.row_begin) * width, width);
-               });
+    squares(input + band.plane * shape.height * width, window.rows_reached(band.row_begin, band.row_end, shape.height),
+            width, squared);
+    sums.resize(static_cast<size_t>((band.row_end - band.row_begin) * width));
+    window.run(squared.data(), shape.height, band.row_begin, band.row_end, sums.data());
     // The powers in one loop over the whole band: rows are short, and a loop per row would
     // leave too few independent vectors in flight to hide the polynomials' latency.
-    arithmetic.forward(input + offset, t_rows.data(), output + offset, static_cast<int64_t>(t_rows.size()));
+    arithmetic.forward(input + offset, sums.data(), output + offset, static_cast<int64_t>(sums.size()));
   }
 }
 
-// Pass one streams the forward window to get T, then G and dY * T^-beta for every row the band's
-// mirrored windows reach; pass two streams the mirrored window over G.
+// Pass one sums the forward window to get T, then G and dY * T^-beta for every row the band's
+// mirrored windows reach; pass two sums the mirrored window over G.
 template <typename scalar_t>
 SPATIALNORM_VECTORIZED void backward_bands(const scalar_t* grad_output, const scalar_t* input, scalar_t* grad_input,
                                            PlaneShape shape, const Settings& settings, const Bands& bands,
                                            int64_t begin, int64_t end) {
   const Arithmetic<at::opmath_type<scalar_t>> arithmetic(settings);
-  const Denominators denominators(settings);
   const double gradient_scale = 2.0 * settings.alpha * settings.beta / settings.window_size();
   const int64_t width = shape.width;
   const WindowExtent rows = forward_extent(settings.kernel_height);
   const WindowExtent cols = forward_extent(settings.kernel_width);
   WindowSums window(width, rows, cols);
   WindowSums mirrored_window(width, mirrored(rows), mirrored(cols));
-  std::vector<double> t_rows;
+  std::vector<double> squared;
+  std::vector<double> sums;
   std::vector<double> g_rows;
   std::vector<double> first_terms;
   for (int64_t i = begin; i < end; ++i) {
     const Band band = bands[i];
-    const int64_t g_begin = std::max<int64_t>(0, band.row_begin - mirrored(rows).before);
-    const int64_t g_end = std::min(shape.height, band.row_end + mirrored(rows).after);
+    const WindowSums::RowRange g_range = mirrored_window.rows_reached(band.row_begin, band.row_end, shape.height);
+    const int64_t g_begin = g_range.first;
+    const int64_t g_end = g_range.last;
     const int64_t count = (g_end - g_begin) * width;
-    t_rows.resize(static_cast<size_t>(count));
+    sums.resize(static_cast<size_t>(count));
     g_rows.resize(static_cast<size_t>(count));
     first_terms.resize(static_cast<size_t>(count));
     const int64_t offset = band.plane * shape.height * width;
     const scalar_t* x_plane = input + offset;
     const scalar_t* dy_plane = grad_output + offset;
-    scalar_t* dx_plane = grad_input + offset;
 
-    window.run(x_plane, shape.height, g_begin, g_end, Squared{}, [&](int64_t row, const double* sums) {
-      denominators(sums, t_rows.data() + (row - g_begin) * width, width);
-    });
+    squares(x_plane, window.rows_reached(g_begin, g_end, shape.height), width, squared);
+    window.run(squared.data(), shape.height, g_begin, g_end, sums.data());
     // One loop over all rows, as in the forward pass.
-    arithmetic.gradient_terms(dy_plane + g_begin * width, x_plane + g_begin * width, t_rows.data(),
-                              first_terms.data(), g_rows.data(), count);
+    arithmetic.gradient_terms(dy_plane + g_begin * width, x_plane + g_begin * width, sums.data(), first_terms.data(),
+                              g_rows.data(), count);
 
-    mirrored_window.run(g_rows.data(), g_end - g_begin, band.row_begin - g_begin, band.row_end - g_begin, AsIs{},
-                        [&](int64_t local_row, const double* sums) {
-                          const scalar_t* __restrict x = x_plane + (local_row + g_begin) * width;
-                          const double* __restrict first = first_terms.data() + local_row * width;
-                          scalar_t* __restrict dx = dx_plane + (local_row + g_begin) * width;
-                          for (int64_t c = 0; c < width; ++c) {
-                            // With alpha = 0 the second term is 0, even where G overflowed.
-                            const double second =
-                                gradient_scale == 0.0 ? 0.0 : gradient_scale * static_cast<double>(x[c]) * sums[c];
-                            dx[c] = static_cast<scalar_t>(first[c] - second);
-                          }
-                        });
+    mirrored_window.run(g_rows.data(), shape.height, band.row_begin, band.row_end, sums.data());
+    const int64_t band_offset = band.row_begin * width;
+    const scalar_t* __restrict x = x_plane + band_offset;
+    const double* __restrict first = first_terms.data() + (band.row_begin - g_begin) * width;
+    const double* __restrict g_sums = sums.data();
+    scalar_t* __restrict dx = grad_input + offset + band_offset;
+    for (int64_t c = 0; c < (band.row_end - band.row_begin) * width; ++c) {
+      // With alpha = 0 the second term is 0, even where G overflowed.
+      const double second = gradient_scale == 0.0 ? 0.0 : gradient_scale * static_cast<double>(x[c]) * g_sums[c];
+      dx[c] = static_cast<scalar_t>(first[c] - second);
+    }
   }
 }
 

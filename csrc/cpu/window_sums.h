@@ -1,17 +1,19 @@
-// Sums over a window of one image plane, streamed one output row at a time, that never subtract.
+// Sums over a window of one image plane, for a band of rows at a time, that never subtract.
 //
 // A running sum that adds the value entering the window and subtracts the one leaving it keeps
 // the rounding error of every large value it has seen, long after the value left: an output
 // would depend on data far outside its window. Here every sum is made only of terms inside its
-// window (van Herk / Gil-Werman): a line is cut into blocks as long as the window, so that a
-// window covers the end of one block and the start of the next, and its sum is that block's
-// suffix sum plus the next block's prefix sum. That is three additions per element whatever the
-// window size, and each output's rounding error is bounded by its own window's magnitude. NaN and
-// infinities stay inside the windows that hold them, as in a direct sum.
+// window: small windows are summed directly, wider ones by blocks (van Herk / Gil-Werman): a
+// line is cut into blocks as long as the window, so that a window covers the end of one block
+// and the start of the next, and its sum is that block's suffix sum plus the next block's prefix
+// sum. That is three additions per element whatever the window size, and each output's rounding
+// error is bounded by its own window's magnitude. NaN and infinities stay inside the windows that
+// hold them, as in a direct sum.
 //
-// Down the columns the blocks are blocks of rows and every step is a vector operation along a
-// row; along a row, small windows are summed directly (a few vectorized additions of shifted
-// rows), wider ones by blocks. The sums are kept in double.
+// The column sums of the whole band go first, into rows with zero margins, then the row sums:
+// every step down the columns is a vector operation along a row, and the row sums read columns
+// written long before (reading a vector just stored, shifted by an element, stalls the load).
+// The sums are kept in double.
 #pragma once
 
 #include "../spatial_norm.h"
@@ -22,89 +24,6 @@
 
 namespace spatialnorm::cpu {
 
-// Window sums along one line of doubles: out[x] = sum of line[x - before .. x + after], terms
-// outside [0, length) counting as zero. The line is read from a zero-padded buffer.
-class LineWindowSums {
- public:
-  LineWindowSums(int64_t length, WindowExtent extent)
-      : length_(length),
-        before_(clipped(extent, length).before),
-        window_(clipped(extent, length).span()),
-        // Whole blocks from the first window's start to the last window's end, and one more so
-        // that every window's next block exists.
-        padded_((length + window_ - 1 + window_ - 1) / window_ * window_ + window_),
-        suffix_(window_ > kDirectUpTo ? padded_.size() : 0),
-        prefix_(suffix_.size()) {}
-
-  // Where the caller writes the line: `length` doubles, with zeros on both sides.
-  double* line() { return padded_.data() + before_; }
-
-  void sum(double* __restrict out) {
-    switch (window_) {
-      case 1: return sum_directly<1>(out);
-      case 2: return sum_directly<2>(out);
-      case 3: return sum_directly<3>(out);
-      case 4: return sum_directly<4>(out);
-      case 5: return sum_directly<5>(out);
-      case 6: return sum_directly<6>(out);
-      case 7: return sum_directly<7>(out);
-      case 8: return sum_directly<8>(out);
-      default: return sum_by_blocks(out);
-    }
-  }
-
- private:
-  // Up to here a direct sum (window - 1 vectorized additions per element) costs less than the
-  // block scans, whose dependent additions don't vectorize along the line.
-  static constexpr int64_t kDirectUpTo = 8;
-
-  // One pass per row, the window's terms added in registers: the size is a template argument
-  // so that the inner loop unrolls.
-  template <int64_t kWindow>
-  void sum_directly(double* __restrict out) const {
-    const double* __restrict in = padded_.data();
-    for (int64_t x = 0; x < length_; ++x) {
-      double sum = in[x];
-      for (int64_t i = 1; i < kWindow; ++i) {
-        sum += in[x + i];
-      }
-      out[x] = sum;
-    }
-  }
-
-  void sum_by_blocks(double* __restrict out) {
-    const double* __restrict in = padded_.data();
-    double* __restrict suffix = suffix_.data();
-    double* __restrict prefix = prefix_.data();  // before the position, within its block
-    // The window at x covers [x, x + window) of the padded line: the suffix of x's block and
-    // the part of the next block before x + window (nothing when x starts a block). So suffixes
-    // are needed in the blocks that hold an x < length, prefixes in the blocks after them.
-    const int64_t blocks = (length_ + window_ - 1) / window_;
-    for (int64_t start = 0; start < blocks * window_; start += window_) {
-      double backward = 0.0;
-      for (int64_t i = window_ - 1; i >= 0; --i) {
-        backward += in[start + i];
-        suffix[start + i] = backward;
-      }
-      double forward = 0.0;
-      for (int64_t i = window_; i < 2 * window_; ++i) {
-        prefix[start + i] = forward;
-        forward += in[start + i];
-      }
-    }
-    for (int64_t x = 0; x < length_; ++x) {
-      out[x] = suffix[x] + prefix[x + window_];
-    }
-  }
-
-  int64_t length_;
-  int64_t before_;
-  int64_t window_;
-  std::vector<double> padded_;
-  std::vector<double> suffix_;
-  std::vector<double> prefix_;
-};
-
 class WindowSums {
  public:
   // Windows reach rows.before rows up and rows.after down, likewise for columns, over planes
@@ -112,87 +31,208 @@ class WindowSums {
   WindowSums(int64_t width, WindowExtent rows, WindowExtent cols)
       : width_(width),
         rows_(rows),
-        along_rows_(width, cols),
-        prefix_(static_cast<size_t>(width)),
-        row_sums_(static_cast<size_t>(width)) {}
+        cols_(clipped(cols, width)),
+        // A row of column sums has the window's reach before and after it as zeros, and room
+        // for the block sums' last block (row_sums_by_blocks).
+        stride_(width + 3 * cols_.span()),
+        suffix_(cols_.span() > kDirectUpTo ? static_cast<size_t>(stride_) : 0),
+        prefix_(suffix_.size()) {}
 
-  // Calls emit(row, sums) for each row in [row_begin, row_end) of a plane `height` rows tall,
-  // where sums[x] is the sum of value(plane[r * width + x']) over the window around (row, x).
-  template <typename T, typename Value, typename Emit>
-  void run(const T* plane, int64_t height, int64_t row_begin, int64_t row_end, Value value, Emit emit) {
-    height_ = height;
-    const WindowExtent rows = clipped(rows_, height);
-    rows_before_ = rows.before;
-    window_rows_ = rows.span();
-    // Window starts (its top rows) are grouped in blocks of window_rows_, from the first output's.
-    for (int64_t block = row_begin; block < row_end; block += window_rows_) {
-      const int64_t outputs = std::min(window_rows_, row_end - block);
-      const int64_t top = block - rows_before_;
-      block_suffixes(plane, top, outputs, value);
-      std::fill(prefix_.begin(), prefix_.end(), 0.0);
-      for (int64_t i = 0; i < outputs; ++i) {
-        if (i > 0) {
-          accumulate(plane, top + window_rows_ + i - 1, prefix_.data(), value);
-        }
-        double* __restrict columns = along_rows_.line();
-        const double* __restrict suffix = suffixes_.data() + i * width_;
-        const double* __restrict prefix = prefix_.data();
-        for (int64_t x = 0; x < width_; ++x) {
-          columns[x] = suffix[x] + prefix[x];
-        }
-        along_rows_.sum(row_sums_.data());
-        emit(block + i, static_cast<const double*>(row_sums_.data()));
-      }
+  // The rows of the plane that the windows of rows [row_begin, row_end) reach: [first, last).
+  struct RowRange {
+    int64_t first;
+    int64_t last;
+  };
+  RowRange rows_reached(int64_t row_begin, int64_t row_end, int64_t height) const {
+    return {std::max<int64_t>(0, row_begin - rows_.before), std::min(height, row_end + rows_.after)};
+  }
+
+  // sums[(r - row_begin) * width + x] = the sum of the plane's values over the window around
+  // (r, x), for the rows [row_begin, row_end) of a plane `height` rows tall; `values` holds its
+  // rows_reached(row_begin, row_end, height), from their first.
+  void run(const double* values, int64_t height, int64_t row_begin, int64_t row_end, double* __restrict sums) {
+    const int64_t rows = row_end - row_begin;
+    // New rows are zeros, and only the columns inside the plane are ever written: the margins stay zero.
+    columns_.resize(static_cast<size_t>(rows * stride_));
+    const RowRange reached = rows_reached(row_begin, row_end, height);
+    const Rows plane{values, reached.first, reached.last, width_};
+    // Clipped to the plane, the window's rows stay as they are and its span bounds the blocks.
+    const WindowExtent reach = clipped(rows_, height);
+    switch (reach.span()) {
+      case 1: column_sums_directly<1>(plane, reach, row_begin, row_end); break;
+      case 2: column_sums_directly<2>(plane, reach, row_begin, row_end); break;
+      case 3: column_sums_directly<3>(plane, reach, row_begin, row_end); break;
+      case 4: column_sums_directly<4>(plane, reach, row_begin, row_end); break;
+      case 5: column_sums_directly<5>(plane, reach, row_begin, row_end); break;
+      case 6: column_sums_directly<6>(plane, reach, row_begin, row_end); break;
+      case 7: column_sums_directly<7>(plane, reach, row_begin, row_end); break;
+      case 8: column_sums_directly<8>(plane, reach, row_begin, row_end); break;
+      default: column_sums_by_blocks(plane, reach, row_begin, row_end);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      row_sums(columns_.data() + r * stride_, sums + r * width_);
     }
   }
 
  private:
-  // suffixes_ row i = sum of rows [top + i, top + window_rows_) for the first `outputs` i.
-  template <typename T, typename Value>
-  void block_suffixes(const T* plane, int64_t top, int64_t outputs, Value value) {
-    suffixes_.resize(static_cast<size_t>(outputs * width_));
-    double* last = suffixes_.data() + (outputs - 1) * width_;
-    std::fill(last, last + width_, 0.0);
-    // Rows below the last output's start are all in its window: one sum for them.
-    for (int64_t r = top + outputs - 1; r < top + window_rows_; ++r) {
-      accumulate(plane, r, last, value);
-    }
-    for (int64_t i = outputs - 2; i >= 0; --i) {
-      double* __restrict row = suffixes_.data() + i * width_;
-      const double* __restrict below = row + width_;
-      const int64_t r = top + i;
-      if (r < 0 || r >= height_) {
-        std::copy(below, below + width_, row);
-        continue;
+  // Up to this span a direct sum (span - 1 vectorized additions per element) costs less than the
+  // block sums (and, along a row, than their dependent additions, which don't vectorize).
+  static constexpr int64_t kDirectUpTo = 8;
+
+  // The rows [first, last) of a plane's values; the plane's other rows are not needed.
+  struct Rows {
+    const double* values;
+    int64_t first;
+    int64_t last;
+    int64_t width;
+
+    bool holds(int64_t r) const { return r >= first && r < last; }
+    const double* operator[](int64_t r) const { return values + (r - first) * width; }
+  };
+
+  // Where the plane's columns start in a row of column sums.
+  double* column_row(int64_t band_row) { return columns_.data() + band_row * stride_ + cols_.before; }
+
+  // Each output row sums kSpan rows in one pass, rows outside the plane read as a row of zeros.
+  template <int64_t kSpan>
+  void column_sums_directly(const Rows& plane, WindowExtent reach, int64_t row_begin, int64_t row_end) {
+    zeros_.resize(static_cast<size_t>(width_));
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const double* terms[kSpan];
+      for (int64_t i = 0; i < kSpan; ++i) {
+        const int64_t row = r - reach.before + i;
+        terms[i] = plane.holds(row) ? plane[row] : zeros_.data();
       }
-      const T* __restrict terms = plane + r * width_;
+      double* __restrict out = column_row(r - row_begin);
       for (int64_t x = 0; x < width_; ++x) {
-        row[x] = below[x] + value(terms[x]);
+        double sum = terms[0][x];
+        for (int64_t i = 1; i < kSpan; ++i) {
+          sum += terms[i][x];
+        }
+        out[x] = sum;
       }
     }
   }
 
-  // sums += value(row r) for a row of the plane; rows outside it are zero.
-  template <typename T, typename Value>
-  void accumulate(const T* plane, int64_t r, double* __restrict sums, Value value) const {
-    if (r < 0 || r >= height_) {
-      return;
+  // Window starts (their top rows) are grouped in blocks of `span`, from the first output's: the
+  // block's suffix sums from each start, plus a prefix of the next rows, grown one row per output.
+  void column_sums_by_blocks(const Rows& plane, WindowExtent reach, int64_t row_begin, int64_t row_end) {
+    const int64_t span = reach.span();
+    block_prefix_.resize(static_cast<size_t>(width_));
+    for (int64_t block = row_begin; block < row_end; block += span) {
+      const int64_t outputs = std::min(span, row_end - block);
+      const int64_t top = block - reach.before;
+      block_suffixes(plane, top, span, outputs);
+      double* __restrict prefix = block_prefix_.data();
+      std::fill(prefix, prefix + width_, 0.0);
+      for (int64_t i = 0; i < outputs; ++i) {
+        const double* __restrict suffix = block_suffixes_.data() + i * width_;
+        double* __restrict out = column_row(block + i - row_begin);
+        const int64_t r = top + span + i - 1;  // the row entering the prefix
+        if (i > 0 && plane.holds(r)) {
+          const double* __restrict terms = plane[r];
+          for (int64_t x = 0; x < width_; ++x) {
+            prefix[x] += terms[x];
+            out[x] = suffix[x] + prefix[x];
+          }
+        } else {
+          for (int64_t x = 0; x < width_; ++x) {
+            out[x] = suffix[x] + prefix[x];
+          }
+        }
+      }
     }
-    const T* __restrict row = plane + r * width_;
+  }
+
+  // block_suffixes_ row i = sum of rows [top + i, top + span) for the first `outputs` i.
+  void block_suffixes(const Rows& plane, int64_t top, int64_t span, int64_t outputs) {
+    block_suffixes_.resize(static_cast<size_t>(outputs * width_));
+    double* __restrict last = block_suffixes_.data() + (outputs - 1) * width_;
+    std::fill(last, last + width_, 0.0);
+    // Rows below the last output's start are all in its window: one sum for them.
+    for (int64_t r = std::max(plane.first, top + outputs - 1); r < std::min(plane.last, top + span); ++r) {
+      const double* __restrict terms = plane[r];
+      for (int64_t x = 0; x < width_; ++x) {
+        last[x] += terms[x];
+      }
+    }
+    for (int64_t i = outputs - 2; i >= 0; --i) {
+      double* __restrict row = block_suffixes_.data() + i * width_;
+      const double* __restrict below = row + width_;
+      if (!plane.holds(top + i)) {
+        std::copy(below, below + width_, row);
+        continue;
+      }
+      const double* __restrict terms = plane[top + i];
+      for (int64_t x = 0; x < width_; ++x) {
+        row[x] = below[x] + terms[x];
+      }
+    }
+  }
+
+  // out[x] = the sum of columns[x .. x + span) for a row of column sums with its margins.
+  void row_sums(const double* columns, double* __restrict out) {
+    switch (cols_.span()) {
+      case 1: return row_sums_directly<1>(columns, out);
+      case 2: return row_sums_directly<2>(columns, out);
+      case 3: return row_sums_directly<3>(columns, out);
+      case 4: return row_sums_directly<4>(columns, out);
+      case 5: return row_sums_directly<5>(columns, out);
+      case 6: return row_sums_directly<6>(columns, out);
+      case 7: return row_sums_directly<7>(columns, out);
+      case 8: return row_sums_directly<8>(columns, out);
+      default: return row_sums_by_blocks(columns, out);
+    }
+  }
+
+  // The span is a template argument, so that the inner loop unrolls.
+  template <int64_t kSpan>
+  void row_sums_directly(const double* __restrict columns, double* __restrict out) const {
     for (int64_t x = 0; x < width_; ++x) {
-      sums[x] += value(row[x]);
+      double sum = columns[x];
+      for (int64_t i = 1; i < kSpan; ++i) {
+        sum += columns[x + i];
+      }
+      out[x] = sum;
+    }
+  }
+
+  void row_sums_by_blocks(const double* __restrict columns, double* __restrict out) {
+    const int64_t span = cols_.span();
+    double* __restrict suffix = suffix_.data();
+    double* __restrict prefix = prefix_.data();  // before the position, within its block
+    // The window at x covers [x, x + span): the suffix of x's block and the part of the next
+    // block before x + span (nothing when x starts a block). So suffixes are needed in the
+    // blocks that hold an x < width, prefixes in the blocks after them, which end within the
+    // row's margins.
+    const int64_t blocks = (width_ + span - 1) / span;
+    for (int64_t start = 0; start < blocks * span; start += span) {
+      double backward = 0.0;
+      for (int64_t i = span - 1; i >= 0; --i) {
+        backward += columns[start + i];
+        suffix[start + i] = backward;
+      }
+      double forward = 0.0;
+      for (int64_t i = span; i < 2 * span; ++i) {
+        prefix[start + i] = forward;
+        forward += columns[start + i];
+      }
+    }
+    for (int64_t x = 0; x < width_; ++x) {
+      out[x] = suffix[x] + prefix[x + span];
     }
   }
 
   int64_t width_;
   WindowExtent rows_;
-  int64_t height_ = 0;  // of the plane being run, and the rows' extent clipped to it
-  int64_t rows_before_ = 0;
-  int64_t window_rows_ = 0;
-  LineWindowSums along_rows_;
-  std::vector<double> suffixes_;
+  WindowExtent cols_;
+  int64_t stride_;
+  std::vector<double> columns_;  // the band's column sums, a row of stride_ per output row
+  std::vector<double> zeros_;  // a row outside the plane
+  std::vector<double> block_suffixes_;
+  std::vector<double> block_prefix_;
+  std::vector<double> suffix_;  // of a row of column sums, by blocks
   std::vector<double> prefix_;
-  std::vector<double> row_sums_;
 };
 
 }  // namespace spatialnorm::cpu
