@@ -132,7 +132,7 @@ class Arithmetic<float> {
                int64_t count) const {
     const bool fits = with_float_power([&](const auto& power) { return forward_in_float(power, x, sums, y, count); });
     if (!fits) {
-      for (int64_t c = 0; c < count; ++c) {
+      for (int64_t c = 0; c < count; ++c) {  // vectorizes
         y[c] = static_cast<scalar_t>(static_cast<double>(x[c]) * wide_power_(denominator_(sums[c])));
       }
     }
@@ -144,7 +144,7 @@ class Arithmetic<float> {
     const bool fits = with_float_power(
         [&](const auto& power) { return gradient_terms_in_float(power, dy, x, sums, first, g, count); });
     if (!fits) {
-      for (int64_t c = 0; c < count; ++c) {
+      for (int64_t c = 0; c < count; ++c) {  // vectorizes
         const double dyd = static_cast<double>(dy[c]);
         const double t = denominator_(sums[c]);
         first[c] = dyd * wide_power_(t);
@@ -158,7 +158,7 @@ class Arithmetic<float> {
   bool forward_in_float(const Power& power, const scalar_t* __restrict x, const double* __restrict sums,
                         scalar_t* __restrict y, int64_t count) const {
     int32_t fits = 1;
-    for (int64_t c = 0; c < count; ++c) {
+    for (int64_t c = 0; c < count; ++c) {  // vectorizes
       const float t = static_cast<float>(denominator_(sums[c]));
       y[c] = static_cast<scalar_t>(static_cast<float>(x[c]) * power(t, fits));
     }
@@ -170,11 +170,11 @@ class Arithmetic<float> {
                                const double* __restrict sums, double* __restrict first, double* __restrict g,
                                int64_t count) const {
     int32_t fits = 1;
-    for (int64_t c = 0; c < count; ++c) {
+    for (int64_t c = 0; c < count; ++c) {  // vectorizes
       const float tf = static_cast<float>(denominator_(sums[c]));
       const float p = power(tf, fits);
       const float p_over_t = p / tf;
-      fits &= is_normal(p_over_t);
+      keep_fitting(fits, is_normal(p_over_t));
       const double dyd = static_cast<double>(dy[c]);
       first[c] = dyd * static_cast<double>(p);
       g[c] = dyd * static_cast<double>(x[c]) * static_cast<double>(p_over_t);
@@ -233,7 +233,7 @@ void squares(const scalar_t* plane, WindowSums::RowRange rows, int64_t width, st
   out.resize(static_cast<size_t>(count));
   const scalar_t* __restrict x = plane + rows.first * width;
   double* __restrict squared = out.data();
-  for (int64_t c = 0; c < count; ++c) {
+  for (int64_t c = 0; c < count; ++c) {  // vectorizes
     const double d = static_cast<double>(x[c]);
     squared[c] = d * d;
   }
@@ -303,6 +303,7 @@ SPATIALNORM_VECTORIZED void backward_bands(const scalar_t* grad_output, const sc
     const double* __restrict first = first_terms.data() + (band.row_begin - g_begin) * width;
     const double* __restrict g_sums = sums.data();
     scalar_t* __restrict dx = grad_input + offset + band_offset;
+    // Vectorized, but for bfloat16 on aarch64, where clang's cost model keeps the conversion scalar.
     for (int64_t c = 0; c < (band.row_end - band.row_begin) * width; ++c) {
       // With alpha = 0 the second term is 0, even where G overflowed.
       const double second = gradient_scale == 0.0 ? 0.0 : gradient_scale * static_cast<double>(x[c]) * g_sums[c];

@@ -104,7 +104,7 @@ class WindowSums {
         terms[i] = plane.holds(row) ? plane[row] : zeros_.data();
       }
       double* __restrict out = column_row(r - row_begin);
-      for (int64_t x = 0; x < width_; ++x) {
+      for (int64_t x = 0; x < width_; ++x) {  // vectorizes
         double sum = terms[0][x];
         for (int64_t i = 1; i < kSpan; ++i) {
           sum += terms[i][x];
@@ -131,12 +131,12 @@ class WindowSums {
         const int64_t r = top + span + i - 1;  // the row entering the prefix
         if (i > 0 && plane.holds(r)) {
           const double* __restrict terms = plane[r];
-          for (int64_t x = 0; x < width_; ++x) {
+          for (int64_t x = 0; x < width_; ++x) {  // vectorizes
             prefix[x] += terms[x];
             out[x] = suffix[x] + prefix[x];
           }
         } else {
-          for (int64_t x = 0; x < width_; ++x) {
+          for (int64_t x = 0; x < width_; ++x) {  // vectorizes
             out[x] = suffix[x] + prefix[x];
           }
         }
@@ -152,7 +152,7 @@ class WindowSums {
     // Rows below the last output's start are all in its window: one sum for them.
     for (int64_t r = std::max(plane.first, top + outputs - 1); r < std::min(plane.last, top + span); ++r) {
       const double* __restrict terms = plane[r];
-      for (int64_t x = 0; x < width_; ++x) {
+      for (int64_t x = 0; x < width_; ++x) {  // vectorizes
         last[x] += terms[x];
       }
     }
@@ -164,7 +164,7 @@ class WindowSums {
         continue;
       }
       const double* __restrict terms = plane[top + i];
-      for (int64_t x = 0; x < width_; ++x) {
+      for (int64_t x = 0; x < width_; ++x) {  // vectorizes
         row[x] = below[x] + terms[x];
       }
     }
@@ -188,7 +188,7 @@ class WindowSums {
   // The span is a template argument, so that the inner loop unrolls.
   template <int64_t kSpan>
   void row_sums_directly(const double* __restrict columns, double* __restrict out) const {
-    for (int64_t x = 0; x < width_; ++x) {
+    for (int64_t x = 0; x < width_; ++x) {  // vectorizes
       double sum = columns[x];
       for (int64_t i = 1; i < kSpan; ++i) {
         sum += columns[x + i];
@@ -218,7 +218,7 @@ class WindowSums {
         forward += columns[start + i];
       }
     }
-    for (int64_t x = 0; x < width_; ++x) {
+    for (int64_t x = 0; x < width_; ++x) {  // vectorizes
       out[x] = suffix[x] + prefix[x + span];
     }
   }
