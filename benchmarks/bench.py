@@ -4,11 +4,17 @@ Times, in one process, forward and forward+backward of
   - ours:      torch_spatialnorm.spatial_normalization
   - eager:     the composite a user writes today (F.pad + F.avg_pool2d + pow, autograd)
   - compiled:  that composite under torch.compile
+  - general:   ours at --beta nudged off the exponents with a fast power (whole numbers of
+               quarters), so that it runs the general float32 power (log and exp)
 over kernel sizes and shapes, and reports medians with their spread, the ratios, the bytes each
 implementation saves for backward (saved_tensors_hooks) and, where the device's allocator keeps
 statistics, the peak extra memory of forward+backward, and what share of a copy's memory
 bandwidth ours reaches (a copy of the input timed the same way). Prints a Markdown table and writes a CSV
 and a PNG plot (time against kernel size) to --out.
+
+Then the cost of one call on a tiny 1x1x8x8 image, where the time is all overhead (Python,
+dispatch, autograd, threads): microseconds per call, forward under no_grad and forward+backward,
+against torch.relu doing the same, on an idle machine and beside a busy background process.
 
     python benchmarks/bench.py --device cpu --shapes typical
 """
@@ -17,6 +23,8 @@ import argparse
 import csv
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -104,8 +112,13 @@ def peak_extra_bytes(step, device):
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def general_power(x, kernel_width, kernel_height, beta, **settings):
+    """Ours with the general float32 power: beta moved by 2^-20, off every fast exponent."""
+    return sn.spatial_normalization(x, kernel_width, kernel_height, beta=beta + 2**-20, **settings)
+
+
 def implementations(compile_composite):
-    impls = {"ours": sn.spatial_normalization, "eager": composite}
+    impls = {"ours": sn.spatial_normalization, "general": general_power, "eager": composite}
     if compile_composite:
         # One specialization per kernel size, shape and grad mode: more than dynamo's default
         # limit of 8, past which it would silently fall back to eager.
@@ -152,6 +165,59 @@ def run(args):
     return rows
 
 
+def per_call_us(fn, calls, repeats=7):
+    """Best time per call over ``repeats`` runs of ``calls`` back-to-back calls, in microseconds."""
+    for _ in range(calls // 10):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return 1e6 * best
+
+
+def tiny_call_rows(device, beta, calls):
+    """(load, step, ours µs, relu µs) for one call on a 1x1x8x8 float32 image, idle and beside a
+    busy process (one that spins on a core until it is stopped)."""
+    x = torch.randn(1, 1, 8, 8, device=device).requires_grad_()
+    ours = lambda t: sn.spatial_normalization(t, 3, beta=beta, **SETTINGS)  # noqa: E731
+
+    def inference(f):
+        def run():
+            with torch.no_grad():
+                f(x)
+            synchronize(device)
+
+        return run
+
+    def training(f):
+        def run():
+            f(x).sum().backward()
+            synchronize(device)
+
+        return run
+
+    rows = []
+    for load in ("idle", "busy background process"):
+        spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if load != "idle" else None
+        try:
+            for name, step in (("forward (no_grad)", inference), ("forward+backward", training)):
+                rows.append((load, name, per_call_us(step(ours), calls), per_call_us(step(torch.relu), calls)))
+        finally:
+            if spinner is not None:
+                spinner.kill()
+                spinner.wait()
+    return rows
+
+
+def tiny_call_markdown(rows):
+    lines = ["| 1x1x8x8 float32, one call | machine | ours (µs) | torch.relu (µs) | ratio |", "|---|---|---|---|---|"]
+    lines += [f"| {step} | {load} | {ours:.1f} | {relu:.1f} | {ours / relu:.1f}× |" for load, step, ours, relu in rows]
+    return "\n".join(lines)
+
+
 def environment(device):
     info = f"torch {torch.__version__}, {device.type}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}"
     if device.type == "cuda":
@@ -161,8 +227,8 @@ def environment(device):
 
 def markdown(rows, has_compiled):
     lines = [
-        "| shape | k | ours fwd ms (min-max) | eager fwd | compiled fwd | ours fwd+bwd ms (min-max) | eager fwd+bwd | compiled fwd+bwd | fwd speed-up eager / compiled | fwd+bwd speed-up eager / compiled | saved for backward (× input) ours / eager / compiled | peak extra MiB ours / eager / compiled | ours' bandwidth, share of a copy's: fwd / fwd+bwd |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | k | ours fwd ms (min-max) | eager fwd | compiled fwd | ours fwd+bwd ms (min-max) | eager fwd+bwd | compiled fwd+bwd | fwd speed-up eager / compiled | fwd+bwd speed-up eager / compiled | saved for backward (× input) ours / eager / compiled | peak extra MiB ours / eager / compiled | ours' bandwidth, share of a copy's: fwd / fwd+bwd | general power's time / ours': fwd / fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_key = {(r["shape"], r["kernel"], r["impl"]): r for r in rows}
     for shape, k in dict.fromkeys((r["shape"], r["kernel"]) for r in rows):
@@ -174,11 +240,13 @@ def markdown(rows, has_compiled):
         saved = " / ".join(f"{r['saved_bytes'] / r['input_bytes']:.2f}" for r in [ours] + others)
         peak = " / ".join("-" if r["peak_extra_bytes"] is None else f"{r['peak_extra_bytes'] / 2**20:.0f}" for r in [ours] + others)
         bandwidth = f"{ours['copy_ms'] / ours['forward_ms']:.0%} / {2.5 * ours['copy_ms'] / ours['fwd_bwd_ms']:.0%}"
+        general = by_key[(shape, k, "general")]
+        versus_general = f"{general['forward_ms'] / ours['forward_ms']:.2f}× / {general['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}×"
         lines.append(
             f"| {shape} | {k} | {ours['forward_ms']:.3f} ({ours['forward_min_ms']:.3f}-{ours['forward_max_ms']:.3f}) | "
             f"{eager['forward_ms']:.3f} | {dash(compiled, 'forward_ms')} | "
             f"{ours['fwd_bwd_ms']:.3f} ({ours['fwd_bwd_min_ms']:.3f}-{ours['fwd_bwd_max_ms']:.3f}) | "
-            f"{eager['fwd_bwd_ms']:.3f} | {dash(compiled, 'fwd_bwd_ms')} | {ratio('forward_ms')} | {ratio('fwd_bwd_ms')} | {saved} | {peak} | {bandwidth} |"
+            f"{eager['fwd_bwd_ms']:.3f} | {dash(compiled, 'fwd_bwd_ms')} | {ratio('forward_ms')} | {ratio('fwd_bwd_ms')} | {saved} | {peak} | {bandwidth} | {versus_general} |"
         )
     return "\n".join(lines)
 
@@ -218,6 +286,7 @@ def main(argv=None):
     parser.add_argument("--beta", type=float, default=0.75, help="the exponent (MPS's default is 5)")
     parser.add_argument("--budget", type=float, default=0.5, help="seconds of timed runs per measurement")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile'd composite")
+    parser.add_argument("--calls", type=int, default=5000, help="calls per timed repeat of the tiny-input rows")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
 
@@ -232,7 +301,7 @@ def main(argv=None):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    table = markdown(rows, not args.no_compile)
+    table = markdown(rows, not args.no_compile) + "\n\n" + tiny_call_markdown(tiny_call_rows(device, args.beta, args.calls))
     (out / f"{stem}.md").write_text(f"{title}\n\n{table}\n")
     picture = plot(rows, out / f"{stem}.png", title)
     print(f"\n{title}\n\n{table}\n\nwrote {out / (stem + '.csv')}, {out / (stem + '.md')}" + (f", {picture}" if picture else ""))
