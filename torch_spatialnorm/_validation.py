@@ -45,18 +45,14 @@ def _check_real(name: str, value) -> float:
 
 def check_alpha(value) -> float:
     value = _check_real("alpha", value)
-    if type(value) is float and math.isfinite(value) and value >= 0:
-        return value
-    if not _symbolic(value):
+    if not _symbolic(value) and not (math.isfinite(value) and value >= 0):
         raise ValueError(f"alpha must be finite and >= 0, got {value}")
     return value
 
 
 def check_finite(name: str, value) -> float:
     value = _check_real(name, value)
-    if type(value) is float and math.isfinite(value):
-        return value
-    if not _symbolic(value):
+    if not _symbolic(value) and not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     return value
 
