@@ -1,8 +1,8 @@
 // CPU kernels of spatialnorm::forward and spatialnorm::backward.
 //
 // Work is split into bands of rows of the (N*C) image planes, processed in parallel; each band
-// streams its window sums row by row (window_sums.h), so the cost per element does not depend
-// on the kernel size. 16-bit types and float32 raise powers in float32 precision; window sums, T
+// takes its window sums whole (window_sums.h), at a cost per element that does not grow with
+// the window past 8 wide. 16-bit types and float32 raise powers in float32 precision; window sums, T
 // and the products with T's powers are double (power.h), so nothing overflows or cancels where
 // the exact result is finite.
 #include "../spatial_norm.h"
@@ -120,7 +120,9 @@ class Arithmetic<float> {
  public:
   explicit Arithmetic(const Settings& s)
       : denominator_(s),
-        beta_(s.beta),
+        float_power_(QuarterPower<false>::applies(-s.beta)  ? FloatPower::kWhole
+                     : QuarterPower<true>::applies(-s.beta) ? FloatPower::kQuarter
+                                                            : FloatPower::kLogExp),
         whole_power_(-s.beta),
         quarter_power_(-s.beta),
         log_exp_power_(-s.beta),
@@ -182,17 +184,20 @@ class Arithmetic<float> {
     return fits;
   }
 
-  Denominator denominator_;
   // fn(power) with the fastest float32 power that applies to the exponent.
   template <typename Fn>
   bool with_float_power(const Fn& fn) const {
-    if (whole_power_.applies(-beta_)) {
-      return fn(whole_power_);
+    switch (float_power_) {
+      case FloatPower::kWhole: return fn(whole_power_);
+      case FloatPower::kQuarter: return fn(quarter_power_);
+      default: return fn(log_exp_power_);
     }
-    return quarter_power_.applies(-beta_) ? fn(quarter_power_) : fn(log_exp_power_);
   }
 
-  double beta_;
+  enum class FloatPower { kWhole, kQuarter, kLogExp };
+
+  Denominator denominator_;
+  FloatPower float_power_;  // chosen once per call
   QuarterPower<false> whole_power_;  // T^-beta, for a whole beta
   QuarterPower<true> quarter_power_;  // T^-beta, for beta a whole number of quarters
   LogExpPower log_exp_power_;        // T^-beta, for any other beta
