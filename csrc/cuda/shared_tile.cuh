@@ -1,28 +1,65 @@
 // Device helpers of the CUDA kernels: 2-D arrays in a block's shared memory, loading a region of
-// an image plane into one, and window sums sliding along its rows or down its columns.
+// an image plane into one in 16-byte groups, and window sums sliding along its rows or down its
+// columns (a group of columns at once).
 #pragma once
 
-#include <ATen/OpMathType.h>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <type_traits>
 
 namespace spatialnorm::cuda {
 
 using Divider = at::cuda::detail::IntDivider<unsigned int>;
 
-// A row-major 2-D array in shared memory. The pitch is odd, so that the threads of a warp walking
-// along 32 different rows at once touch 32 different banks.
+// kSize consecutive values of a line, added lane by lane: what a thread loads or stores at once
+// (16 bytes of the image where its rows allow) and carries through the passes down the columns.
+template <typename T, int kSize>
+struct alignas(sizeof(T) * kSize < 16 ? sizeof(T) * kSize : 16) Lanes {
+  T v[kSize];
+
+  Lanes() = default;
+  __device__ Lanes(int zero) {  // NOLINT: Lanes<T, n> sum = 0, as for a number
+#pragma unroll
+    for (int e = 0; e < kSize; ++e) {
+      v[e] = T(zero);
+    }
+  }
+
+  __device__ Lanes operator+(const Lanes& other) const {
+    Lanes sum;
+#pragma unroll
+    for (int e = 0; e < kSize; ++e) {
+      sum.v[e] = v[e] + other.v[e];
+    }
+    return sum;
+  }
+
+  __device__ Lanes& operator+=(const Lanes& other) { return *this = *this + other; }
+};
+
+// A row-major 2-D array in shared memory. Rows start 16-byte aligned, and a row's bytes are an odd
+// multiple of 16: then 16-byte accesses by the threads of a quarter warp along one row, and
+// 4-byte accesses by threads on 8 consecutive rows and 4 column stretches of odd length (RowPass),
+// all touch different banks.
 template <typename T>
 struct SharedArray {
   T* data;
   int pitch;
 
+  __host__ __device__ static int pitch_for(int columns) {
+    const int chunks = (columns * static_cast<int>(sizeof(T)) + 15) / 16;
+    return (chunks | 1) * 16 / static_cast<int>(sizeof(T));
+  }
+
   __device__ T& operator()(int row, int column) const { return data[row * pitch + column]; }
+
+  template <int kSize>
+  __device__ Lanes<T, kSize>& lanes(int row, int column) const {
+    return *reinterpret_cast<Lanes<T, kSize>*>(&(*this)(row, column));
+  }
 };
 
 // Hands out consecutive 16-byte aligned arrays of a block's dynamic shared memory. The host runs
@@ -33,8 +70,9 @@ class SharedLayout {
 
   template <typename T>
   __host__ __device__ SharedArray<T> take(int rows, int columns) {
-    const SharedArray<T> array{base_ == nullptr ? nullptr : reinterpret_cast<T*>(base_ + used_), columns | 1};
-    used_ += (sizeof(T) * rows * array.pitch + 15) / 16 * 16;
+    const SharedArray<T> array{base_ == nullptr ? nullptr : reinterpret_cast<T*>(base_ + used_),
+                               SharedArray<T>::pitch_for(columns)};
+    used_ += sizeof(T) * rows * array.pitch;
     return array;
   }
 
@@ -45,273 +83,229 @@ class SharedLayout {
   size_t used_ = 0;
 };
 
-// A rectangle of a plane, relative to the plane's row-major data.
+// A rectangle of a plane, relative to the plane's row-major data. Coordinates are 32-bit: the host
+// keeps a plane's height and width, with a tile and its halo, below 2^31.
 struct Region {
-  int64_t row0;
-  int64_t col0;
+  int row0;
+  int col0;
   int rows;
   int columns;
 };
+
+// The smallest region around `region` whose columns are whole groups of `size` counted from the
+// plane's first column, so that each group is one aligned load or store.
+__host__ __device__ inline Region in_groups(const Region& region, int size) {
+  const int col0 = region.col0 >= 0 ? region.col0 / size * size : -((size - 1 - region.col0) / size * size);
+  const int end = region.col0 + region.columns;
+  const int col_end = end >= 0 ? (end + size - 1) / size * size : -(-end / size * size);
+  return {region.row0, col0, region.rows, col_end - col0};
+}
 
 // Which rows and columns of a region lie in the plane.
 struct Inside {
   int first_row, last_row, first_column, last_column;
 
-  __device__ Inside(const Region& region, int64_t height, int64_t width)
-      : first_row(static_cast<int>(max(int64_t{0}, -region.row0))),
-        last_row(static_cast<int>(min(int64_t{region.rows}, height - region.row0))),
-        first_column(static_cast<int>(max(int64_t{0}, -region.col0))),
-        last_column(static_cast<int>(min(int64_t{region.columns}, width - region.col0))) {}
+  __device__ Inside(const Region& region, int height, int width)
+      : first_row(max(0, -region.row0)),
+        last_row(min(region.rows, height - region.row0)),
+        first_column(max(0, -region.col0)),
+        last_column(min(region.columns, width - region.col0)) {}
 
   __device__ bool operator()(int r, int c) const {
     return r >= first_row && r < last_row && c >= first_column && c < last_column;
   }
 };
 
-// How a launch reads its regions: in groups of `vector` consecutive elements (one 16-byte load
-// each where the rows allow it). Each thread keeps to one group column and walks down the rows,
-// `lanes` threads side by side along a row so that their loads coalesce.
-struct RegionLoad {
-  int groups;         // the most groups a row of a region spans
-  Divider lanes;      // threads side by side along a row
-  int rows_per_step;  // rows the block's threads cover at once
-  int vector;
-
-  RegionLoad() = default;
-  RegionLoad(int max_columns, int vector, int threads)
-      : groups((max_columns + 2 * (vector - 1)) / vector),
-        lanes(std::min(groups, threads)),
-        rows_per_step(threads / std::min(groups, threads)),
-        vector(vector) {}
-};
-
-template <typename scalar_t, int size>
-struct alignas(sizeof(scalar_t) * size) Group {
-  scalar_t values[size];
-};
-
 // Groups of a load in flight per thread before it stores any.
 constexpr int kLoadBatch = 4;
 
-template <int kVector, typename T, typename scalar_t>
-__device__ inline void load_groups(SharedArray<T> array, const scalar_t* __restrict__ plane, int64_t height,
-                                   int64_t width, const Region& region, const RegionLoad& load) {
-  // The groups start at a multiple of kVector columns: whole groups lie in the plane or out of it.
-  const int64_t aligned_col0 =
-      region.col0 >= 0 ? region.col0 / kVector * kVector : -((kVector - 1 - region.col0) / kVector * kVector);
-  const int shift = static_cast<int>(region.col0 - aligned_col0);
-  const scalar_t* origin = plane + region.row0 * width + aligned_col0;
-  const int stride = static_cast<int>(width);
-  const Inside in_plane(Region{region.row0, aligned_col0, region.rows, region.columns + shift}, height, width);
-  const auto lane = load.lanes.divmod(threadIdx.x);
-  if (static_cast<int>(lane.div) >= load.rows_per_step) {
-    return;
+// How a launch loads its regions: in groups of kSize (in_groups). Each thread keeps to one group
+// column and walks down the rows, `lanes` threads side by side along a row so that their loads
+// coalesce. Set up for the launch's widest region.
+struct RegionLoad {
+  Divider lanes;      // threads side by side along a row
+  int rows_per_step;  // rows the block's threads cover at once
+
+  RegionLoad() = default;
+  RegionLoad(int max_columns, int size, int threads) {
+    const int groups = std::min((max_columns + 2 * (size - 1)) / size, threads);
+    lanes = Divider(groups);
+    rows_per_step = threads / groups;
   }
-  for (int c = static_cast<int>(lane.mod) * kVector; c - shift < region.columns; c += load.lanes.divisor * kVector) {
-    const bool column_in_plane = c >= in_plane.first_column && c < in_plane.last_column;
-    for (int r0 = lane.div; r0 < region.rows; r0 += kLoadBatch * load.rows_per_step) {
-      Group<scalar_t, kVector> loaded[kLoadBatch];
-#pragma unroll
-      for (int j = 0; j < kLoadBatch; ++j) {
-        const int r = r0 + j * load.rows_per_step;
-        if (column_in_plane && r < in_plane.last_row && r >= in_plane.first_row) {
-          loaded[j] = *reinterpret_cast<const Group<scalar_t, kVector>*>(origin + r * stride + c);
-        } else {
-#pragma unroll
-          for (int e = 0; e < kVector; ++e) {
-            loaded[j].values[e] = scalar_t(0);
-          }
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kLoadBatch; ++j) {
-        const int r = r0 + j * load.rows_per_step;
-#pragma unroll
-        for (int e = 0; e < kVector; ++e) {
-          const int column = c + e - shift;
-          if (r < region.rows && column >= 0 && column < region.columns) {
-            array(r, column) = static_cast<T>(loaded[j].values[e]);
-          }
-        }
-      }
-    }
-  }
-}
+};
 
-// Whether copy_region_async can copy a plane's values into shared memory as they are: cp.async
-// moves 4, 8 or 16 bytes, so 16-bit values go through registers (and get converted).
-template <typename T, typename scalar_t>
-constexpr bool kCopiesAsync = std::is_same_v<T, scalar_t> && sizeof(T) >= 4;
-
-// Starts copying *source to *destination; the copy lands by the next wait_for_copies.
-template <typename T>
-__device__ inline void copy_async(T* destination, const T* source) {
-#if __CUDA_ARCH__ >= 800
-  const auto address = static_cast<unsigned int>(__cvta_generic_to_shared(destination));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;\n" ::"r"(address), "l"(source), "n"(sizeof(T)));
-#else
-  *destination = *source;
-#endif
-}
-
-__device__ inline void wait_for_copies() {
-#if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;\n" ::);
-#endif
-}
-
-// Each thread keeps to one column and issues the copies of all its rows before any arrives, so
-// that its loads wait on memory once, not once per batch. Elements outside the plane are set to
-// zero directly.
-template <typename T>
-__device__ inline void copy_region(SharedArray<T> array, const T* __restrict__ plane, int64_t height, int64_t width,
-                                   const Region& region, const RegionLoad& load) {
+// Hands each group of `region` of a height x width plane to store(row, column, group), relative to
+// the region, zeros outside the plane. The region is in groups of kSize, and a group lies in the
+// plane or out of it as a whole (the width is a multiple of kSize): each group is one load.
+// Offsets inside the region are 32-bit: the host keeps rows * width below 2^31.
+template <int kSize, typename scalar_t, typename Store>
+__device__ inline void load_region(const scalar_t* __restrict__ plane, int height, int width, const Region& region,
+                                   const RegionLoad& load, Store store) {
+  using Group = Lanes<scalar_t, kSize>;
   const Inside in_plane(region, height, width);
   const auto lane = load.lanes.divmod(threadIdx.x);
   const int step = load.rows_per_step;
   if (static_cast<int>(lane.div) >= step) {
     return;
   }
-  for (int c = static_cast<int>(lane.mod); c < region.columns; c += load.lanes.divisor) {
+  const scalar_t* origin = plane + (int64_t{region.row0} * width + region.col0);
+  for (int c = static_cast<int>(lane.mod) * kSize; c < region.columns; c += load.lanes.divisor * kSize) {
     const bool column_in_plane = c >= in_plane.first_column && c < in_plane.last_column;
     const int first_row = column_in_plane ? in_plane.first_row : region.rows;
-    int r = lane.div;
-    for (; r < first_row; r += step) {
-      array(r, c) = T(0);
-    }
-    const int last_row = column_in_plane ? in_plane.last_row : region.rows;
-    const T* source = plane + (region.row0 + r) * width + region.col0 + c;
-#pragma unroll 4
-    for (; r < last_row; r += step, source += step * width) {
-      copy_async(&array(r, c), source);
-    }
-    for (; r < region.rows; r += step) {
-      array(r, c) = T(0);
+    const int last_row = column_in_plane ? in_plane.last_row : 0;
+    const scalar_t* column = origin + c;
+    for (int r0 = lane.div; r0 < region.rows; r0 += kLoadBatch * step) {
+      Group loaded[kLoadBatch];
+#pragma unroll
+      for (int j = 0; j < kLoadBatch; ++j) {
+        const int r = r0 + j * step;
+        loaded[j] = r >= first_row && r < last_row ? *reinterpret_cast<const Group*>(column + r * width) : Group(0);
+      }
+#pragma unroll
+      for (int j = 0; j < kLoadBatch; ++j) {
+        const int r = r0 + j * step;
+        if (r < region.rows) {
+          store(r, c, loaded[j]);
+        }
+      }
     }
   }
 }
-
-// Copies `region` of a height x width plane into `array`, converted to its type, zero outside the
-// plane. Offsets inside the region are 32-bit: the host keeps rows * width below 2^31.
-template <typename T, typename scalar_t>
-__device__ inline void load_region(SharedArray<T> array, const scalar_t* __restrict__ plane, int64_t height,
-                                   int64_t width, const Region& region, const RegionLoad& load) {
-  constexpr int kVector = 16 / sizeof(scalar_t);
-  if (load.vector == kVector) {
-    load_groups<kVector>(array, plane, height, width, region, load);
-  } else {
-    load_groups<1>(array, plane, height, width, region, load);
-  }
-}
-
-// load_region, asynchronously where the values need no conversion: then the block sees them
-// after wait_for_copies and a barrier. Loads that keep few warps per multiprocessor busy wait on
-// memory once this way, not once per batch; with a load of one element per copy, though, it
-// takes more instructions than 16-byte loads through registers.
-template <typename T, typename scalar_t>
-__device__ inline void copy_region_async(SharedArray<T> array, const scalar_t* __restrict__ plane, int64_t height,
-                                         int64_t width, const Region& region, const RegionLoad& load) {
-  if constexpr (kCopiesAsync<T, scalar_t>) {
-    copy_region(array, plane, height, width, region, load);
-  } else {
-    load_region(array, plane, height, width, region, load);
-  }
-}
-
-// How one pass of window sums along the lines of a tile is shared by a block's threads: each
-// takes a stretch of `stretch` consecutive windows of one line. Set up for the largest tile of a
-// launch; smaller tiles at the plane's edges leave some units idle.
-struct LinePass {
-  Divider lines;
-  int stretch;
-  int units;
-
-  LinePass() = default;
-  LinePass(int lines, int length, int threads) : lines(lines) {
-    const int threads_per_line = std::max(1, threads / lines);
-    stretch = (length + threads_per_line - 1) / threads_per_line;
-    units = lines * ((length + stretch - 1) / stretch);
-  }
-};
 
 // Window sums that never subtract, so that each sum's rounding error is bounded by its own
 // terms (a running sum keeps the error of a large value long after it left the window) and a NaN
 // or infinity reaches only the windows that hold it.
 //
-// emit(i, sum) gets, for each i < count, the sum of value(term) over terms i .. i + window - 1
-// of a line that starts at `terms` and steps by `step`. Windows go in chunks of kChunk <= window
-// consecutive ones: window i0 + t is the chunk's suffix from i0 + t (kept in registers) plus its
-// terms from i0 + kChunk on, a prefix that every window of the chunk shares and that grows by one
-// term per window. That is (window + kChunk - 1) / kChunk terms read per window: two at kernel
-// sizes 3, 5 and 9, as with a running sum.
-template <int kChunk, bool kWhole, typename In, typename Value, typename Emit>
-__device__ inline void chunk_window_sums(const In* terms, int step, int count, int window, Value value, Emit emit) {
-  using Sum = decltype(value(*terms));
+// emit(i, sum) gets, for each i < count, the sum of term(j) over j = i .. i + window - 1. Windows
+// go in chunks of kChunk <= window consecutive ones: window i0 + t is the chunk's suffix from
+// i0 + t (kept in registers) plus its terms from i0 + kChunk on, a prefix that every window of the
+// chunk shares and that grows by one term per window. That is (window + kChunk - 1) / kChunk
+// terms read per window: two at kernel sizes 3, 5 and 9, as with a running sum.
+template <int kChunk, bool kWhole, typename Term, typename Emit>
+__device__ inline void chunk_window_sums(Term term, int count, int window, Emit emit) {
+  using Sum = decltype(term(0));
   // Terms up to window - 1 lie in the line: count > 0 and kChunk <= window.
   Sum suffix[kChunk];
-  suffix[kChunk - 1] = value(terms[(kChunk - 1) * step]);
+  suffix[kChunk - 1] = term(kChunk - 1);
 #pragma unroll
   for (int t = kChunk - 2; t >= 0; --t) {
-    suffix[t] = value(terms[t * step]) + suffix[t + 1];
+    suffix[t] = term(t) + suffix[t + 1];
   }
   Sum beyond = 0;  // terms kChunk .. t + window - 1
   for (int j = kChunk; j < window; ++j) {
-    beyond += value(terms[j * step]);
+    beyond += term(j);
   }
 #pragma unroll
   for (int t = 0; t < kChunk; ++t) {
     if (kWhole || t < count) {
       if (t > 0) {
-        beyond += value(terms[(t + window - 1) * step]);
+        beyond += term(t + window - 1);
       }
       emit(t, suffix[t] + beyond);
     }
   }
 }
 
-template <int kChunk, typename In, typename Value, typename Emit>
-__device__ inline void chunked_window_sums(const In* terms, int step, int count, int window, Value value, Emit emit) {
+template <int kChunk, typename Term, typename Emit>
+__device__ inline void chunked_window_sums(Term term, int count, int window, Emit emit) {
   int i0 = 0;
   for (; i0 + kChunk <= count; i0 += kChunk) {
-    chunk_window_sums<kChunk, true>(terms + i0 * step, step, kChunk, window, value,
-                                    [&](int t, auto sum) { emit(i0 + t, sum); });
+    chunk_window_sums<kChunk, true>([&](int j) { return term(i0 + j); }, kChunk, window,
+                                    [&](int t, const auto& sum) { emit(i0 + t, sum); });
   }
   if (i0 < count) {
-    chunk_window_sums<kChunk, false>(terms + i0 * step, step, count - i0, window, value,
-                                     [&](int t, auto sum) { emit(i0 + t, sum); });
+    chunk_window_sums<kChunk, false>([&](int j) { return term(i0 + j); }, count - i0, window,
+                                     [&](int t, const auto& sum) { emit(i0 + t, sum); });
   }
 }
 
-template <typename In, typename Value, typename Emit>
-__device__ inline void window_sums(const In* terms, int step, int count, int window, Value value, Emit emit) {
-  if (window >= 8) {
-    chunked_window_sums<8>(terms, step, count, window, value, emit);
-  } else if (window >= 4) {
-    chunked_window_sums<4>(terms, step, count, window, value, emit);
-  } else if (window >= 2) {
-    chunked_window_sums<2>(terms, step, count, window, value, emit);
+// Chunks as long as the window and the longest stretch allow, up to kMaxChunk (which bounds the
+// registers a chunk's suffix sums take).
+template <int kMaxChunk, typename Term, typename Emit>
+__device__ inline void window_sums(Term term, int count, int longest, int window, Emit emit) {
+  const int reach = min(window, longest);
+  if (kMaxChunk >= 8 && reach >= 8) {
+    chunked_window_sums<8>(term, count, window, emit);
+  } else if (kMaxChunk >= 4 && reach >= 4) {
+    chunked_window_sums<4>(term, count, window, emit);
+  } else if (kMaxChunk >= 2 && reach >= 2) {
+    chunked_window_sums<2>(term, count, window, emit);
   } else {
-    chunked_window_sums<1>(terms, step, count, window, value, emit);
+    chunked_window_sums<1>(term, count, window, emit);
   }
 }
 
-// Window sums of `window` terms along lines of `in` (its rows, or `down_columns` its columns):
-// for each of the first `lines` lines and each position i < length, emit(line, i, sum) gets the
-// sum of value(term) over terms i .. i + window - 1 of the line. Each thread takes stretches of
-// consecutive windows of one line.
-template <typename In, typename Value, typename Emit>
-__device__ inline void slide_windows(const LinePass& pass, SharedArray<In> in, bool down_columns, int lines,
-                                     int length, int window, Value value, Emit emit) {
-  const int line_step = down_columns ? 1 : in.pitch;
-  const int step = down_columns ? in.pitch : 1;
+// A pass of window sums along the rows of a shared array. A warp takes 8 consecutive rows and 4
+// consecutive stretches of each (of `stretch` columns, an odd number): with the arrays' pitch,
+// its 32 threads touch 32 different banks at each step. A row has 4, 8 or 16 stretches, as many
+// as keep a thread busy with each unit. Set up for the launch's largest tile.
+struct RowPass {
+  int stretch;
+  int stretches_log2;  // of a row's stretches
+  int units;
+
+  RowPass() = default;
+  RowPass(int rows, int length, int threads) : stretches_log2(2) {
+    const int row_groups = (rows + 7) / 8;
+    while (stretches_log2 < 4 && (8 * row_groups) << (stretches_log2 + 1) <= threads) {
+      ++stretches_log2;
+    }
+    stretch = ((length + (1 << stretches_log2) - 1) >> stretches_log2) | 1;
+    units = (8 * row_groups) << stretches_log2;
+  }
+};
+
+// For each of the first `rows` rows and each position i < length, emit(row, i, sum) gets the sum
+// of the row's elements column0 + i .. column0 + i + window - 1.
+template <typename T, typename Emit>
+__device__ inline void slide_rows(const RowPass& pass, SharedArray<T> in, int column0, int rows, int length,
+                                  int window, Emit emit) {
+  for (int unit = threadIdx.x; unit < pass.units; unit += blockDim.x) {
+    const int row = (unit >> (3 + pass.stretches_log2) << 3) + (unit & 7);
+    const int begin = (unit >> 3 & ((1 << pass.stretches_log2) - 1)) * pass.stretch;
+    const int count = min(length, begin + pass.stretch) - begin;
+    if (row < rows && count > 0) {
+      const T* line = &in(row, column0 + begin);
+      window_sums<8>([&](int j) { return line[j]; }, count, pass.stretch, window,
+                     [&](int i, T sum) { emit(row, begin + i, sum); });
+    }
+  }
+}
+
+// A pass of window sums down the columns of a shared array, kSize columns (a group) at once: each
+// thread takes a stretch of `stretch` consecutive rows of one group, consecutive threads on
+// consecutive groups. Set up for the launch's largest tile; smaller tiles at the plane's edges
+// leave some units idle.
+struct ColumnPass {
+  Divider groups;
+  int stretch;
+  int units;
+
+  ColumnPass() = default;
+  ColumnPass(int groups, int length, int threads) : groups(groups) {
+    const int threads_per_group = std::max(1, threads / groups);
+    stretch = (length + threads_per_group - 1) / threads_per_group;
+    units = groups * ((length + stretch - 1) / stretch);
+  }
+};
+
+// For each of the first `groups` groups and each row r < length, emit(group, r, sums) gets the
+// sums of the group's kSize columns over rows r .. r + window - 1.
+template <int kSize, typename T, typename Emit>
+__device__ inline void slide_columns(const ColumnPass& pass, SharedArray<T> in, int groups, int length, int window,
+                                     Emit emit) {
+  // A chunk's suffix sums take kChunk * kSize registers.
+  constexpr int kMaxChunk = kSize >= 8 ? 2 : 16 / kSize;
   for (unsigned int unit = threadIdx.x; unit < static_cast<unsigned int>(pass.units); unit += blockDim.x) {
-    const auto at = pass.lines.divmod(unit);
-    const int line = at.mod;
+    const auto at = pass.groups.divmod(unit);
+    const int group = at.mod;
     const int begin = at.div * pass.stretch;
     const int count = min(length, begin + pass.stretch) - begin;
-    if (line < lines && count > 0) {
-      window_sums(in.data + line * line_step + begin * step, step, count, window, value,
-                  [&](int i, auto sum) { emit(line, begin + i, sum); });
+    if (group < groups && count > 0) {
+      const T* column = &in(begin, group * kSize);
+      window_sums<kMaxChunk>(
+          [&](int j) { return *reinterpret_cast<const Lanes<T, kSize>*>(column + j * in.pitch); }, count,
+          pass.stretch, window, [&](int i, const Lanes<T, kSize>& sums) { emit(group, begin + i, sums); });
     }
   }
 }

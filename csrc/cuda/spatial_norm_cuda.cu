@@ -1,15 +1,16 @@
 // CUDA kernels of spatialnorm::forward and spatialnorm::backward.
 //
-// A block owns a tile of one image plane. It copies the tile and the halo its windows reach into
-// shared memory in coalesced rows, takes window sums along the region's rows, then down its
-// columns (sums that never subtract, about two terms read per output up to 9 wide), and the pass
-// down the columns evaluates T^-beta once per element and writes the tile's output, consecutive
-// threads on consecutive columns. Each kernel reads its inputs and writes its output once, apart from the
-// halos (mostly served by L2). The gradient is one kernel too: it makes G = dY*X*T^(-beta-1) over
-// the tile and the mirrored window's halo, then sums G over the mirrored windows of the tile.
-// Windows whose halo would not fit shared memory beside a tile, and the gradient's from 40 wide,
-// take separable passes over whole lines instead (line_passes.cuh), whose cost does not grow
-// with the window.
+// A block owns a tile of one image plane. It loads the tile and the halo its windows reach in
+// groups of 16 bytes (8 values of 16 bits, 4 of float), squares them once into shared memory in
+// the compute type, takes window sums along the region's rows (sums that never subtract, about
+// two terms read per output up to 9 wide), then down the tile's columns a group of columns at a
+// time; that pass evaluates T^-beta once per element and writes the tile's output in groups,
+// reading X again through the caches. Each kernel reads its inputs from memory and writes its
+// output once, apart from the halos (mostly served by L2). The gradient is one kernel too: it
+// makes G = dY*X*T^(-beta-1) over the tile and the mirrored window's halo, and P = dY*T^-beta over
+// the tile, then sums G over the mirrored windows of the tile. Windows whose halo would not fit
+// shared memory beside a tile, and the gradient's from 40 wide, take separable passes over whole
+// lines instead (line_passes.cuh), whose cost does not grow with the window.
 #include "../spatial_norm.h"
 #include "line_passes.cuh"
 #include "powers.cuh"
@@ -26,6 +27,7 @@
 #include <initializer_list>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <utility>
 
 namespace spatialnorm::cuda {
@@ -33,9 +35,8 @@ namespace {
 
 // Threads per block: 256, or kMaxThreads where shared memory admits fewer than three blocks per
 // multiprocessor (keeping 24 warps or more in flight to hide the loads' latency). The kernels'
-// launch bounds also cap registers so that registers do not limit that occupancy below what shared
-// memory allows: 40 per thread for the forward (six blocks of 256), 64 for the gradient, whose
-// shared memory admits three.
+// launch bounds cap registers at 64 per thread, so that registers admit 32 warps per
+// multiprocessor.
 constexpr int kThreads = 256;
 constexpr int kMaxThreads = 512;
 
@@ -78,6 +79,19 @@ __device__ inline opmath_t gradient_of_input(const Coefficients<opmath_t>& k, op
   return k.gradient_scale == opmath_t(0) ? dy_p : dy_p - k.gradient_scale * x * g_sum;
 }
 
+// Stores the squares of a group of values, in the compute type, at (row, column) of `squares`.
+template <typename opmath_t, int kSize, typename scalar_t>
+__device__ inline void store_squares(const SharedArray<opmath_t>& squares, int row, int column,
+                                     const Lanes<scalar_t, kSize>& values) {
+  Lanes<opmath_t, kSize> result;
+#pragma unroll
+  for (int e = 0; e < kSize; ++e) {
+    const auto v = static_cast<opmath_t>(values.v[e]);
+    result.v[e] = v * v;
+  }
+  squares.template lanes<kSize>(row, column) = result;
+}
+
 template <typename scalar_t>
 struct Square {
   __device__ at::opmath_type<scalar_t> operator()(scalar_t v) const {
@@ -96,8 +110,8 @@ struct Identity {
 // One block's tile: rows [row0, row0 + rows) x columns [col0, col0 + columns) of a plane.
 struct Tile {
   int64_t plane;
-  int64_t row0;
-  int64_t col0;
+  int row0;
+  int col0;
   int rows;
   int columns;
 
@@ -108,8 +122,8 @@ struct Tile {
 // run in the order of their index, tile after tile of a plane, so that the halo rows a tile shares
 // with the one below are still in L2 when that one runs.
 struct TileGrid {
-  int64_t height;
-  int64_t width;
+  int height;
+  int width;
   int tile_rows;
   int tile_columns;
   Divider tiles_down;
@@ -120,74 +134,107 @@ struct TileGrid {
   __device__ Tile locate() const {
     const auto across = tiles_across.divmod(blockIdx.x);
     const auto down = tiles_down.divmod(across.div);
-    Tile tile{down.div, int64_t{down.mod} * tile_rows, int64_t{across.mod} * tile_columns, 0, 0};
-    tile.rows = static_cast<int>(min(int64_t{tile_rows}, height - tile.row0));
-    tile.columns = static_cast<int>(min(int64_t{tile_columns}, width - tile.col0));
+    Tile tile{down.div, static_cast<int>(down.mod) * tile_rows, static_cast<int>(across.mod) * tile_columns, 0, 0};
+    tile.rows = min(tile_rows, height - tile.row0);
+    tile.columns = min(tile_columns, width - tile.col0);
     return tile;
   }
 };
 
-// Tiles of at most max_rows x max_columns, evened out over the plane.
-TileGrid tile_grid(const PlaneShape& shape, int max_rows, int max_columns) {
+// Tiles of at most max_rows x max_columns, evened out over the plane, their widths a multiple of
+// `group` (then so is every tile's first column, and its last one's width where the plane's is).
+TileGrid tile_grid(const PlaneShape& shape, int max_rows, int max_columns, int group) {
   const int64_t down = (shape.height + max_rows - 1) / max_rows;
   const int64_t across = (shape.width + max_columns - 1) / max_columns;
-  return TileGrid{shape.height,
-                  shape.width,
+  const int64_t columns = ((shape.width + across - 1) / across + group - 1) / group * group;
+  return TileGrid{static_cast<int>(shape.height),
+                  static_cast<int>(shape.width),
                   static_cast<int>((shape.height + down - 1) / down),
-                  static_cast<int>((shape.width + across - 1) / across),
+                  static_cast<int>(columns),
                   Divider(static_cast<unsigned int>(down)),
-                  Divider(static_cast<unsigned int>(across))};
+                  Divider(static_cast<unsigned int>((shape.width + columns - 1) / columns))};
 }
 
-// The forward: the input region (the tile and W's halo) and its window sums along the rows.
-template <typename scalar_t>
+// The most columns a region in groups of `group` (in_groups) spans around `columns` of a tile.
+__host__ __device__ inline int grouped_columns(int columns, int group) { return (columns + 2 * group - 2) / group * group; }
+
+// Where the elements of a region lie in its plane: 32-bit offsets from the region's first element
+// (the host keeps rows * width below 2^31), and whether they are in the plane.
+struct PlaneOffsets {
+  Inside inside;
+  int64_t first;  // of the region's first element, in the planes
+  int stride;
+
+  __device__ PlaneOffsets(int64_t plane_offset, const Region& region, int height, int width)
+      : inside(region, height, width), first(plane_offset + int64_t{region.row0} * width + region.col0), stride(width) {}
+
+  __device__ int at(int row, int column) const { return row * stride + column; }
+};
+
+template <int kSize, typename scalar_t>
+__device__ inline Lanes<scalar_t, kSize> load_group(const scalar_t* __restrict__ p) {
+  return *reinterpret_cast<const Lanes<scalar_t, kSize>*>(p);
+}
+
+// The forward: the squares of the input region (the tile and W's halo, in groups) and their
+// window sums along the rows.
+template <typename opmath_t>
 struct ForwardArrays {
-  using opmath_t = at::opmath_type<scalar_t>;
-  SharedArray<scalar_t> x;
+  SharedArray<opmath_t> squares;
   SharedArray<opmath_t> row_sums;
 
-  __host__ __device__ ForwardArrays(SharedLayout& layout, int rows, int columns, Extents w)
-      : x(layout.take<scalar_t>(rows + w.height() - 1, columns + w.width() - 1)),
+  __host__ __device__ ForwardArrays(SharedLayout& layout, int rows, int columns, Extents w, int group)
+      : squares(layout.take<opmath_t>(rows + w.height() - 1, grouped_columns(columns + w.width() - 1, group))),
         row_sums(layout.take<opmath_t>(rows + w.height() - 1, columns)) {}
 };
 
 // The forward's passes, set up for the launch's largest tile.
 struct ForwardPasses {
-  RegionLoad x;       // loading the input region
-  LinePass rows;      // window sums along the region's rows
-  LinePass columns;   // then down the tile's columns, writing the output
+  RegionLoad x;        // loading the input region's squares
+  RowPass rows;        // window sums along the region's rows
+  ColumnPass columns;  // then down the tile's columns, writing the output
 
-  ForwardPasses(const TileGrid& grid, Extents w, int vector, int threads)
-      : x(grid.tile_columns + w.width() - 1, vector, threads),
+  ForwardPasses(const TileGrid& grid, Extents w, int group, int threads)
+      : x(grid.tile_columns + w.width() - 1, group, threads),
         rows(grid.tile_rows + w.height() - 1, grid.tile_columns, threads),
-        columns(grid.tile_columns, grid.tile_rows, threads) {}
+        columns(grid.tile_columns / group, grid.tile_rows, threads) {}
 };
 
-template <typename scalar_t>
-__global__ void __launch_bounds__(kMaxThreads, 3)
+template <typename scalar_t, int kGroup>
+__global__ void __launch_bounds__(kMaxThreads, 2)
     forward_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output, TileGrid grid,
                    ForwardPasses passes, Extents w, Coefficients<at::opmath_type<scalar_t>> k) {
   using opmath_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char shared[];
   SharedLayout layout(shared);
-  const ForwardArrays<scalar_t> a(layout, grid.tile_rows, grid.tile_columns, w);
+  const ForwardArrays<opmath_t> a(layout, grid.tile_rows, grid.tile_columns, w, kGroup);
   const Tile tile = grid.locate();
-  const int64_t offset = tile.plane * grid.height * grid.width;
-  const Region region = reach(tile.region(), w);
-  load_region(a.x, input + offset, grid.height, grid.width, region, passes.x);
+  const int64_t offset = tile.plane * grid.height * int64_t{grid.width};
+  const Region region = in_groups(reach(tile.region(), w), kGroup);
+  load_region<kGroup>(input + offset, grid.height, grid.width, region, passes.x,
+                      [&](int r, int c, const Lanes<scalar_t, kGroup>& x) { store_squares(a.squares, r, c, x); });
   __syncthreads();
 
-  slide_windows(passes.rows, a.x, false, region.rows, tile.columns, w.width(), Square<scalar_t>(),
-                [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
+  const int first_column = tile.col0 - w.left - region.col0;  // of the first window
+  slide_rows(passes.rows, a.squares, first_column, region.rows, tile.columns, w.width(),
+             [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
   __syncthreads();
-  scalar_t* y = output + offset + tile.row0 * grid.width + tile.col0;
-  const int stride = static_cast<int>(grid.width);
+  const PlaneOffsets plane(offset, tile.region(), grid.height, grid.width);
+  const scalar_t* tile_x = input + plane.first;
+  scalar_t* tile_y = output + plane.first;
   const auto write_output = [&](auto powers) {
-    slide_windows(passes.columns, a.row_sums, true, tile.columns, tile.rows, w.height(), Identity(),
-                  [&](int c, int r, opmath_t sum) {
-                    const opmath_t x = static_cast<opmath_t>(a.x(r + w.top, c + w.left));
-                    y[r * stride + c] = static_cast<scalar_t>(powers(x, denominator(k, sum), k.neg_beta));
-                  });
+    slide_columns<kGroup>(passes.columns, a.row_sums, tile.columns / kGroup, tile.rows, w.height(),
+                          [&](int g, int r, const Lanes<opmath_t, kGroup>& sums) {
+                            const int at = plane.at(r, g * kGroup);
+                            const auto x = load_group<kGroup>(tile_x + at);
+                            Lanes<scalar_t, kGroup> y;
+#pragma unroll
+                            for (int e = 0; e < kGroup; ++e) {
+                              y.v[e] = static_cast<scalar_t>(
+                                  powers(static_cast<opmath_t>(x.v[e]), denominator(k, sums.v[e]), k.neg_beta));
+                            }
+                            *reinterpret_cast<Lanes<scalar_t, kGroup>*>(tile_y + at) = y;
+                          });
     return powers.missed;
   };
   if (__syncthreads_or(write_output(FastPowers()))) {
@@ -197,94 +244,119 @@ __global__ void __launch_bounds__(kMaxThreads, 3)
 
 // The gradient. Relative to the tile, G is needed over M's halo, and T there over W's halo beyond
 // that: the input region reaches kh - 1 rows and kw - 1 columns out on each side.
-template <typename scalar_t>
+template <typename opmath_t>
 struct BackwardArrays {
-  using opmath_t = at::opmath_type<scalar_t>;
-  SharedArray<scalar_t> x;        // the input region
-  SharedArray<opmath_t> dy;       // dY over G's region, made dY * T^-beta where G is made
+  SharedArray<opmath_t> squares;   // of the input region; then G over its region, 0 outside the plane
   SharedArray<opmath_t> row_sums;  // window sums along the rows: of X^2 over the input region, then of G
-  SharedArray<opmath_t> g;        // G over its region, 0 outside the plane
+  SharedArray<opmath_t> p;         // dY * T^-beta over the tile
 
-  __host__ __device__ BackwardArrays(SharedLayout& layout, int rows, int columns, Extents w)
-      : x(layout.take<scalar_t>(rows + 2 * (w.height() - 1), columns + 2 * (w.width() - 1))),
-        dy(layout.take<opmath_t>(rows + w.height() - 1, columns + w.width() - 1)),
-        row_sums(layout.take<opmath_t>(rows + 2 * (w.height() - 1), columns + w.width() - 1)),
-        g(layout.take<opmath_t>(rows + w.height() - 1, columns + w.width() - 1)) {}
+  __host__ __device__ BackwardArrays(SharedLayout& layout, int rows, int columns, Extents w, int group)
+      : squares(layout.take<opmath_t>(rows + 2 * (w.height() - 1),
+                                      grouped_columns(grouped_columns(columns + w.width() - 1, group) + w.width() - 1, group))),
+        row_sums(layout.take<opmath_t>(rows + 2 * (w.height() - 1), grouped_columns(columns + w.width() - 1, group))),
+        p(layout.take<opmath_t>(rows, columns)) {}
+
+  __device__ SharedArray<opmath_t> g() const { return squares; }
 };
 
 // The gradient's passes, set up for the launch's largest tile.
 struct BackwardPasses {
-  RegionLoad x;            // loading X
-  RegionLoad dy;           // loading dY
-  LinePass x_rows;         // window sums of X^2 along the rows
-  LinePass t_columns;      // then down the columns, making T, P and G
-  LinePass g_rows;         // window sums of G along the rows
-  LinePass tile_columns;   // then down the tile's columns, writing dX
+  RegionLoad x;            // loading X^2
+  RowPass x_rows;          // window sums of X^2 along the rows
+  ColumnPass t_columns;    // then down the columns, making T, P and G
+  RowPass g_rows;          // window sums of G along the rows
+  ColumnPass tile_columns;  // then down the tile's columns, writing dX
 
-  BackwardPasses(const TileGrid& grid, Extents w, int vector, int threads)
-      : x(grid.tile_columns + 2 * (w.width() - 1), vector, threads),
-        dy(grid.tile_columns + w.width() - 1, vector, threads),
-        x_rows(grid.tile_rows + 2 * (w.height() - 1), grid.tile_columns + w.width() - 1, threads),
-        t_columns(grid.tile_columns + w.width() - 1, grid.tile_rows + w.height() - 1, threads),
+  BackwardPasses(const TileGrid& grid, Extents w, int group, int threads)
+      : x(grouped_columns(grid.tile_columns + w.width() - 1, group) + w.width() - 1, group, threads),
+        x_rows(grid.tile_rows + 2 * (w.height() - 1), grouped_columns(grid.tile_columns + w.width() - 1, group),
+               threads),
+        t_columns(grouped_columns(grid.tile_columns + w.width() - 1, group) / group, grid.tile_rows + w.height() - 1,
+                  threads),
         g_rows(grid.tile_rows + w.height() - 1, grid.tile_columns, threads),
-        tile_columns(grid.tile_columns, grid.tile_rows, threads) {}
+        tile_columns(grid.tile_columns / group, grid.tile_rows, threads) {}
 };
 
 // dX = dY*P - gradient_scale * X * (M-window sum of G), P = T^-beta, G = dY*X*T^(-beta-1).
-template <typename scalar_t>
+template <typename scalar_t, int kGroup>
 __global__ void __launch_bounds__(kMaxThreads, 2)
     backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
                     scalar_t* __restrict__ grad_input, TileGrid grid, BackwardPasses passes, Extents w,
                     Coefficients<at::opmath_type<scalar_t>> k) {
   using opmath_t = at::opmath_type<scalar_t>;
+  using Group = Lanes<opmath_t, kGroup>;
   extern __shared__ __align__(16) unsigned char shared[];
   SharedLayout layout(shared);
-  const BackwardArrays<scalar_t> a(layout, grid.tile_rows, grid.tile_columns, w);
+  const BackwardArrays<opmath_t> a(layout, grid.tile_rows, grid.tile_columns, w, kGroup);
   const Tile tile = grid.locate();
-  const int64_t offset = tile.plane * grid.height * grid.width;
-  const Region g_region = reach(tile.region(), w.mirrored());
-  const Region x_region = reach(g_region, w);
-  copy_region_async(a.x, input + offset, grid.height, grid.width, x_region, passes.x);
-  copy_region_async(a.dy, grad_output + offset, grid.height, grid.width, g_region, passes.dy);
-  wait_for_copies();
+  const int64_t offset = tile.plane * grid.height * int64_t{grid.width};
+  const Region g_region = in_groups(reach(tile.region(), w.mirrored()), kGroup);
+  const Region x_region = in_groups(reach(g_region, w), kGroup);
+  load_region<kGroup>(input + offset, grid.height, grid.width, x_region, passes.x,
+                      [&](int r, int c, const Lanes<scalar_t, kGroup>& x) { store_squares(a.squares, r, c, x); });
   __syncthreads();
 
-  slide_windows(passes.x_rows, a.x, false, x_region.rows, g_region.columns, w.width(), Square<scalar_t>(),
-                [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
+  slide_rows(passes.x_rows, a.squares, g_region.col0 - w.left - x_region.col0, x_region.rows,
+             g_region.columns, w.width(), [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
   __syncthreads();
   // G exists in the plane only: beyond it the sum over M takes G as 0, whatever T is there.
-  const Inside g_in_plane(g_region, grid.height, grid.width);
+  const PlaneOffsets g_plane(offset, g_region, grid.height, grid.width);
+  const scalar_t* g_dy = grad_output + g_plane.first;
+  const scalar_t* g_x = input + g_plane.first;
+  const int tile_top = tile.row0 - g_region.row0;
+  const int tile_left = tile.col0 - g_region.col0;
   const auto make_g = [&](auto powers) {
-    slide_windows(passes.t_columns, a.row_sums, true, g_region.columns, g_region.rows, w.height(), Identity(),
-                  [&](int c, int r, opmath_t sum) {
-                    const PowerBase<opmath_t> t = denominator(k, sum);
-                    const opmath_t dy = a.dy(r, c);
-                    const opmath_t x = static_cast<opmath_t>(a.x(r + w.top, c + w.left));
-                    const opmath_t g = powers(dy * x, t, k.g_exponent);
-                    a.g(r, c) = g_in_plane(r, c) ? g : opmath_t(0);
-                    a.dy(r, c) = powers(dy, t, k.neg_beta);
-                  });
+    slide_columns<kGroup>(
+        passes.t_columns, a.row_sums, g_region.columns / kGroup, g_region.rows, w.height(),
+        [&](int group, int r, const Group& sums) {
+          const int c = group * kGroup;
+          Group g = 0;
+          if (g_plane.inside(r, c)) {
+            const int at = g_plane.at(r, c);
+            const auto dy = load_group<kGroup>(g_dy + at);
+            const auto x = load_group<kGroup>(g_x + at);
+            Group p;
+#pragma unroll
+            for (int e = 0; e < kGroup; ++e) {
+              const PowerBase<opmath_t> t = denominator(k, sums.v[e]);
+              const opmath_t d = static_cast<opmath_t>(dy.v[e]);
+              g.v[e] = powers(d * static_cast<opmath_t>(x.v[e]), t, k.g_exponent);
+              p.v[e] = powers(d, t, k.neg_beta);
+            }
+            const int tr = r - tile_top, tc = c - tile_left;
+            if (tr >= 0 && tr < tile.rows && tc >= 0 && tc < tile.columns) {
+              a.p.template lanes<kGroup>(tr, tc) = p;
+            }
+          }
+          a.g().template lanes<kGroup>(r, c) = g;
+        });
     return powers.missed;
   };
   if (__syncthreads_or(make_g(FastPowers()))) {
-    // The first try replaced dY by dY * T^-beta: load dY again.
-    load_region(a.dy, grad_output + offset, grid.height, grid.width, g_region, passes.dy);
-    __syncthreads();
     make_g(ExactPowers());
-    __syncthreads();
   }
-
-  slide_windows(passes.g_rows, a.g, false, g_region.rows, tile.columns, w.width(), Identity(),
-                [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
   __syncthreads();
-  scalar_t* dx = grad_input + offset + tile.row0 * grid.width + tile.col0;
-  const int stride = static_cast<int>(grid.width);
-  slide_windows(passes.tile_columns, a.row_sums, true, tile.columns, tile.rows, w.height(), Identity(),
-                [&](int c, int r, opmath_t sum) {
-                  const opmath_t dy_p = a.dy(r + w.bottom, c + w.right);
-                  const opmath_t x = static_cast<opmath_t>(a.x(r + w.height() - 1, c + w.width() - 1));
-                  dx[r * stride + c] = static_cast<scalar_t>(gradient_of_input(k, dy_p, x, sum));
-                });
+
+  slide_rows(passes.g_rows, a.g(), tile_left - w.right, g_region.rows, tile.columns, w.width(),
+             [&](int r, int c, opmath_t sum) { a.row_sums(r, c) = sum; });
+  __syncthreads();
+  const PlaneOffsets plane(offset, tile.region(), grid.height, grid.width);
+  const scalar_t* tile_x = input + plane.first;
+  scalar_t* tile_dx = grad_input + plane.first;
+  slide_columns<kGroup>(passes.tile_columns, a.row_sums, tile.columns / kGroup, tile.rows, w.height(),
+                        [&](int group, int r, const Group& sums) {
+                          const int c = group * kGroup;
+                          const int at = plane.at(r, c);
+                          const auto x = load_group<kGroup>(tile_x + at);
+                          const Group& p = a.p.template lanes<kGroup>(r, c);
+                          Lanes<scalar_t, kGroup> dx;
+#pragma unroll
+                          for (int e = 0; e < kGroup; ++e) {
+                            dx.v[e] = static_cast<scalar_t>(
+                                gradient_of_input(k, p.v[e], static_cast<opmath_t>(x.v[e]), sums.v[e]));
+                          }
+                          *reinterpret_cast<Lanes<scalar_t, kGroup>*>(tile_dx + at) = dx;
+                        });
 }
 
 // The line passes (line_passes.cuh), where a window is too wide for a tile or costs more there:
@@ -376,47 +448,62 @@ const SharedMemory& shared_memory() {
   return limits;
 }
 
-// The largest tile whose shared arrays (and the window's halo) fit a block, or nothing. Offsets
-// within a tile's rows are 32-bit, as are block indices. Tiles are tall and narrow: the passes
-// along the rows pay for the window's halo rows a second time in every tile, and its halo
-// columns lie mostly outside the plane where planes are narrow (at 9 x 9 on 112 x 112 planes
-// 56 x 64 tiles took the gradient 251 -> 207 us against 24 x 128, with three blocks per
-// multiprocessor instead of four).
+// The largest tile whose shared arrays (and the window's halo) let `preferred_blocks` blocks
+// share a multiprocessor, else the largest that fits a block at all, or nothing. The forward
+// prefers three blocks (bfloat16 at 31x31 on an H100: 185 us with 56x64 tiles, 205 us with two
+// blocks of 56x128); the gradient takes the largest tile (at 31x31 its smaller tiles' halos cost
+// more: 1.08 against 0.69 ms). Offsets within a tile's
+// rows are 32-bit, as are block indices. Tiles are tall: the passes along the rows pay for the
+// window's halo rows a second time in every tile, and its halo columns lie mostly outside the
+// plane where planes are narrow. Groups of 8 (16-bit values) get tiles twice as wide, so that the
+// passes down the columns have as many groups to share out.
 template <typename Arrays, typename Passes>
-std::optional<Launch<Passes>> plan(const PlaneShape& shape, Extents w, int vector) {
+std::optional<Launch<Passes>> plan(const PlaneShape& shape, Extents w, int group, size_t preferred_blocks) {
   constexpr size_t kReservedPerBlock = 1024;  // shared memory the system keeps for each block
   const SharedMemory& limits = shared_memory();
-  for (const auto& [rows, columns] : {std::pair{56, 64}, {24, 64}, {16, 64}, {16, 32}}) {
+  const int wide = std::max(64, 16 * group);
+  std::optional<Launch<Passes>> fitting;
+  for (const auto& [rows, columns] : {std::pair{56, wide}, {56, 64}, {24, 64}, {16, 64}, {16, 32}}) {
     const int64_t blocks = shape.planes * ((shape.height + rows - 1) / rows) * ((shape.width + columns - 1) / columns);
-    const int64_t region_elements = (rows + 2 * int64_t{w.height()}) * (shape.width + 2 * w.width());
-    if (blocks > std::numeric_limits<int>::max() || region_elements > std::numeric_limits<int>::max()) {
+    const int64_t region_rows = shape.height + rows + 2 * w.height();
+    const int64_t region_columns = shape.width + columns + 2 * w.width() + 2 * group;
+    constexpr int64_t kLimit = std::numeric_limits<int>::max();
+    if (blocks > kLimit || region_rows > kLimit || region_columns > kLimit ||
+        (rows + 2 * int64_t{w.height()}) * region_columns > kLimit) {
       continue;
     }
-    const TileGrid grid = tile_grid(shape, rows, columns);
+    const TileGrid grid = tile_grid(shape, rows, columns, group);
     SharedLayout layout(nullptr);
-    Arrays(layout, grid.tile_rows, grid.tile_columns, w);
-    if (layout.bytes() <= static_cast<size_t>(limits.per_block)) {
-      const size_t blocks_per_multiprocessor = limits.per_multiprocessor / (layout.bytes() + kReservedPerBlock);
-      const int threads = blocks_per_multiprocessor >= 3 ? kThreads : kMaxThreads;
-      return Launch<Passes>{grid, Passes(grid, w, vector, threads), layout.bytes(), threads};
+    Arrays(layout, grid.tile_rows, grid.tile_columns, w, group);
+    if (layout.bytes() > static_cast<size_t>(limits.per_block)) {
+      continue;
+    }
+    const size_t blocks_per_multiprocessor = limits.per_multiprocessor / (layout.bytes() + kReservedPerBlock);
+    const int threads = blocks_per_multiprocessor >= 3 ? kThreads : kMaxThreads;
+    if (!fitting) {
+      fitting = Launch<Passes>{grid, Passes(grid, w, group, threads), layout.bytes(), threads};
+    }
+    if (blocks_per_multiprocessor >= preferred_blocks) {
+      return Launch<Passes>{grid, Passes(grid, w, group, threads), layout.bytes(), threads};
     }
   }
-  return std::nullopt;
+  return fitting;
 }
 
-// Elements a thread loads at once: one per asynchronous copy (where `async` and the values are
-// 32- or 64-bit), else a 16-byte group where every row of every plane starts 16-byte aligned.
-template <typename scalar_t>
-int vector_width(bool async, const PlaneShape& shape, std::initializer_list<const at::Tensor*> tensors) {
-  constexpr int64_t vector = 16 / sizeof(scalar_t);
-  if (async && kCopiesAsync<scalar_t, scalar_t>) {
-    return 1;
-  }
-  bool aligned = shape.width % vector == 0;
+// Calls run(std::integral_constant<int, n>) with the elements the tile kernels take at once: a
+// group of 16 bytes where every row of every plane of every tensor starts 16-byte aligned, else 1.
+template <typename scalar_t, typename Run>
+void with_group_size(const PlaneShape& shape, std::initializer_list<const at::Tensor*> tensors, Run run) {
+  constexpr int kGroup = 16 / sizeof(scalar_t);
+  bool aligned = shape.width % kGroup == 0;
   for (const at::Tensor* t : tensors) {
     aligned &= reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 == 0;
   }
-  return aligned ? static_cast<int>(vector) : 1;
+  if (aligned) {
+    run(std::integral_constant<int, kGroup>());
+  } else {
+    run(std::integral_constant<int, 1>());
+  }
 }
 
 template <typename Kernel, typename... Args>
@@ -507,15 +594,19 @@ at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel
   }
   const at::Tensor x = input.contiguous();
   const Extents w = extents(settings, shape);
+  const at::Tensor y = output.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_forward_cuda", [&] {
-    const auto k = coefficients<at::opmath_type<scalar_t>>(settings);
-    const auto launch = plan<ForwardArrays<scalar_t>, ForwardPasses>(shape, w, vector_width<scalar_t>(false, shape, {&x}));
-    if (!launch) {
-      forward_by_lines<scalar_t>(x, output.contiguous(), shape, w, k);
-      return;
-    }
-    launch_kernel(forward_kernel<scalar_t>, *launch, shape.planes, x.const_data_ptr<scalar_t>(),
-                  output.contiguous().mutable_data_ptr<scalar_t>(), launch->grid, launch->passes, w, k);
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto k = coefficients<opmath_t>(settings);
+    with_group_size<scalar_t>(shape, {&x, &y}, [&](auto group) {
+      const auto launch = plan<ForwardArrays<opmath_t>, ForwardPasses>(shape, w, group, 3);
+      if (!launch) {
+        forward_by_lines<scalar_t>(x, y, shape, w, k);
+        return;
+      }
+      launch_kernel(forward_kernel<scalar_t, decltype(group)::value>, *launch, shape.planes, x.const_data_ptr<scalar_t>(),
+                    y.mutable_data_ptr<scalar_t>(), launch->grid, launch->passes, w, k);
+    });
   });
   return output.finish();
 }
@@ -533,15 +624,20 @@ at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& input, int6
   const at::Tensor x = input.contiguous();
   const at::Tensor dy = grad_output.contiguous();
   const Extents w = extents(settings, shape);
+  const at::Tensor dx = grad_input.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_backward_cuda", [&] {
-    const auto launch = plan<BackwardArrays<scalar_t>, BackwardPasses>(shape, w, vector_width<scalar_t>(true, shape, {&x, &dy}));
-    if (!launch || std::max(w.width(), w.height()) >= kGradientByLinesFrom) {
-      backward_by_lines<scalar_t>(dy, x, grad_input.contiguous(), shape, w, coefficients<at::opmath_type<scalar_t>>(settings));
-      return;
-    }
-    launch_kernel(backward_kernel<scalar_t>, *launch, shape.planes, dy.const_data_ptr<scalar_t>(),
-                  x.const_data_ptr<scalar_t>(), grad_input.contiguous().mutable_data_ptr<scalar_t>(), launch->grid,
-                  launch->passes, w, coefficients<at::opmath_type<scalar_t>>(settings));
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto k = coefficients<opmath_t>(settings);
+    with_group_size<scalar_t>(shape, {&x, &dy, &dx}, [&](auto group) {
+      const auto launch = plan<BackwardArrays<opmath_t>, BackwardPasses>(shape, w, group, 1);
+      if (!launch || std::max(w.width(), w.height()) >= kGradientByLinesFrom) {
+        backward_by_lines<scalar_t>(dy, x, dx, shape, w, k);
+        return;
+      }
+      launch_kernel(backward_kernel<scalar_t, decltype(group)::value>, *launch, shape.planes, dy.const_data_ptr<scalar_t>(),
+                    x.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), launch->grid, launch->passes, w,
+                    k);
+    });
   });
   return grad_input.finish();
 }
