@@ -34,11 +34,12 @@ def test_matches_reference(shape, kernel, generator):
     run_both(x.float().double(), dy.float().double(), kernel, SETTINGS[1], torch.float32)
 
 
+@pytest.mark.parametrize("width", [41, 48])  # 48: rows of 16-byte groups in every dtype
 @pytest.mark.parametrize("settings", SETTINGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_dtypes_and_settings(dtype, settings, generator):
-    x = random_image((2, 3, 37, 41), 2.0, generator).to(dtype).double()
-    dy = random_image((2, 3, 37, 41), 1.0, generator).to(dtype).double()
+def test_dtypes_and_settings(dtype, settings, width, generator):
+    x = random_image((2, 3, 37, width), 2.0, generator).to(dtype).double()
+    dy = random_image((2, 3, 37, width), 1.0, generator).to(dtype).double()
     run_both(x, dy, (5, 4), settings, dtype)
 
 
@@ -122,6 +123,9 @@ def test_compute_sanitizer_is_clean(tool):
         "x = torch.randn(2, 3, 20, 37, device='cuda'); g = torch.randn_like(x)\n"
         "sn.spatial_normalization(x, 5, 3); sn.spatial_normalization_gradient(g, x, 4, 6)\n"
         "sn.spatial_normalization_gradient(g, x, 41, 3)\n"
+        "for dtype, width in ((torch.float32, 40), (torch.bfloat16, 48)):\n"  # 16-byte groups
+        "    x = torch.randn(2, 3, 20, width, device='cuda', dtype=dtype); g = torch.randn_like(x)\n"
+        "    sn.spatial_normalization(x, 5, 3); sn.spatial_normalization_gradient(g, x, 9, 6)\n"
         "torch.cuda.synchronize()\n"
     )
     result = subprocess.run(
