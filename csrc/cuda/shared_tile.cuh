@@ -101,6 +101,9 @@ __host__ __device__ inline Region in_groups(const Region& region, int size) {
   return {region.row0, col0, region.rows, col_end - col0};
 }
 
+// The most columns in_groups makes of a region of `columns` columns.
+__host__ __device__ inline int grouped_columns(int columns, int size) { return (columns + 2 * size - 2) / size * size; }
+
 // Which rows and columns of a region lie in the plane.
 struct Inside {
   int first_row, last_row, first_column, last_column;
@@ -128,7 +131,7 @@ struct RegionLoad {
 
   RegionLoad() = default;
   RegionLoad(int max_columns, int size, int threads) {
-    const int groups = std::min((max_columns + 2 * (size - 1)) / size, threads);
+    const int groups = std::min(grouped_columns(max_columns, size) / size, threads);
     lanes = Divider(groups);
     rows_per_step = threads / groups;
   }

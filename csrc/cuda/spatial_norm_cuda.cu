@@ -79,19 +79,6 @@ __device__ inline opmath_t gradient_of_input(const Coefficients<opmath_t>& k, op
   return k.gradient_scale == opmath_t(0) ? dy_p : dy_p - k.gradient_scale * x * g_sum;
 }
 
-// Stores the squares of a group of values, in the compute type, at (row, column) of `squares`.
-template <typename opmath_t, int kSize, typename scalar_t>
-__device__ inline void store_squares(const SharedArray<opmath_t>& squares, int row, int column,
-                                     const Lanes<scalar_t, kSize>& values) {
-  Lanes<opmath_t, kSize> result;
-#pragma unroll
-  for (int e = 0; e < kSize; ++e) {
-    const auto v = static_cast<opmath_t>(values.v[e]);
-    result.v[e] = v * v;
-  }
-  squares.template lanes<kSize>(row, column) = result;
-}
-
 template <typename scalar_t>
 struct Square {
   __device__ at::opmath_type<scalar_t> operator()(scalar_t v) const {
@@ -99,6 +86,18 @@ struct Square {
     return x * x;
   }
 };
+
+// Stores the squares of a group of values, in the compute type, at (row, column) of `squares`.
+template <typename opmath_t, int kSize, typename scalar_t>
+__device__ inline void store_squares(const SharedArray<opmath_t>& squares, int row, int column,
+                                     const Lanes<scalar_t, kSize>& values) {
+  Lanes<opmath_t, kSize> result;
+#pragma unroll
+  for (int e = 0; e < kSize; ++e) {
+    result.v[e] = Square<scalar_t>()(values.v[e]);
+  }
+  squares.template lanes<kSize>(row, column) = result;
+}
 
 struct Identity {
   template <typename T>
@@ -155,9 +154,6 @@ TileGrid tile_grid(const PlaneShape& shape, int max_rows, int max_columns, int g
                   Divider(static_cast<unsigned int>((shape.width + columns - 1) / columns))};
 }
 
-// The most columns a region in groups of `group` (in_groups) spans around `columns` of a tile.
-__host__ __device__ inline int grouped_columns(int columns, int group) { return (columns + 2 * group - 2) / group * group; }
-
 // Where the elements of a region lie in its plane: 32-bit offsets from the region's first element
 // (the host keeps rows * width below 2^31), and whether they are in the plane.
 struct PlaneOffsets {
@@ -174,6 +170,11 @@ struct PlaneOffsets {
 template <int kSize, typename scalar_t>
 __device__ inline Lanes<scalar_t, kSize> load_group(const scalar_t* __restrict__ p) {
   return *reinterpret_cast<const Lanes<scalar_t, kSize>*>(p);
+}
+
+template <int kSize, typename scalar_t>
+__device__ inline void store_group(scalar_t* __restrict__ p, const Lanes<scalar_t, kSize>& group) {
+  *reinterpret_cast<Lanes<scalar_t, kSize>*>(p) = group;
 }
 
 // The forward: the squares of the input region (the tile and W's halo, in groups) and their
@@ -233,7 +234,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
                               y.v[e] = static_cast<scalar_t>(
                                   powers(static_cast<opmath_t>(x.v[e]), denominator(k, sums.v[e]), k.neg_beta));
                             }
-                            *reinterpret_cast<Lanes<scalar_t, kGroup>*>(tile_y + at) = y;
+                            store_group(tile_y + at, y);
                           });
     return powers.missed;
   };
@@ -244,6 +245,12 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
 
 // The gradient. Relative to the tile, G is needed over M's halo, and T there over W's halo beyond
 // that: the input region reaches kh - 1 rows and kw - 1 columns out on each side.
+
+// The most columns of G's region (M's halo around a tile, in groups).
+inline __host__ __device__ int g_columns(int tile_columns, Extents w, int group) {
+  return grouped_columns(tile_columns + w.width() - 1, group);
+}
+
 template <typename opmath_t>
 struct BackwardArrays {
   SharedArray<opmath_t> squares;   // of the input region; then G over its region, 0 outside the plane
@@ -252,8 +259,8 @@ struct BackwardArrays {
 
   __host__ __device__ BackwardArrays(SharedLayout& layout, int rows, int columns, Extents w, int group)
       : squares(layout.take<opmath_t>(rows + 2 * (w.height() - 1),
-                                      grouped_columns(grouped_columns(columns + w.width() - 1, group) + w.width() - 1, group))),
-        row_sums(layout.take<opmath_t>(rows + 2 * (w.height() - 1), grouped_columns(columns + w.width() - 1, group))),
+                                      grouped_columns(g_columns(columns, w, group) + w.width() - 1, group))),
+        row_sums(layout.take<opmath_t>(rows + 2 * (w.height() - 1), g_columns(columns, w, group))),
         p(layout.take<opmath_t>(rows, columns)) {}
 
   __device__ SharedArray<opmath_t> g() const { return squares; }
@@ -268,11 +275,9 @@ struct BackwardPasses {
   ColumnPass tile_columns;  // then down the tile's columns, writing dX
 
   BackwardPasses(const TileGrid& grid, Extents w, int group, int threads)
-      : x(grouped_columns(grid.tile_columns + w.width() - 1, group) + w.width() - 1, group, threads),
-        x_rows(grid.tile_rows + 2 * (w.height() - 1), grouped_columns(grid.tile_columns + w.width() - 1, group),
-               threads),
-        t_columns(grouped_columns(grid.tile_columns + w.width() - 1, group) / group, grid.tile_rows + w.height() - 1,
-                  threads),
+      : x(g_columns(grid.tile_columns, w, group) + w.width() - 1, group, threads),
+        x_rows(grid.tile_rows + 2 * (w.height() - 1), g_columns(grid.tile_columns, w, group), threads),
+        t_columns(g_columns(grid.tile_columns, w, group) / group, grid.tile_rows + w.height() - 1, threads),
         g_rows(grid.tile_rows + w.height() - 1, grid.tile_columns, threads),
         tile_columns(grid.tile_columns / group, grid.tile_rows, threads) {}
 };
@@ -355,7 +360,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
                             dx.v[e] = static_cast<scalar_t>(
                                 gradient_of_input(k, p.v[e], static_cast<opmath_t>(x.v[e]), sums.v[e]));
                           }
-                          *reinterpret_cast<Lanes<scalar_t, kGroup>*>(tile_dx + at) = dx;
+                          store_group(tile_dx + at, dx);
                         });
 }
 
