@@ -100,3 +100,38 @@ def test_float32_powers_for_every_kind_of_beta(beta, delta, generator):
     finite = torch.isfinite(expected_dx.float())
     assert torch.equal(torch.isfinite(dx), finite)
     assert relative_error(dx[finite], expected_dx[finite]) < 2e-5
+
+
+def test_bands_beyond_float32_are_computed_again_in_double(generator):
+    """A band is computed in float32 first; one whose squares overflow float32 (|X| above 1.8e19)
+    is computed again in double, and the other bands keep their float32 results."""
+    x = random_image((3, 2, 12, 11), 2.0, generator)
+    dy = random_image(x.shape, 1.0, generator)
+    x[1, 0, 5, 4] = 3e25
+    x[2, 1, 0, 0] = -1e20
+    settings = dict(alpha=1e-2, beta=0.75, delta=1.0)
+    y = sn.spatial_normalization(x.float(), 3, **settings)
+    dx = sn.spatial_normalization_gradient(dy.float(), x.float(), 3, **settings)
+    assert torch.isfinite(y).all() and torch.isfinite(dx).all()
+    torch.testing.assert_close(y.double(), expected_forward(x.float().double(), 3, 3, **settings), rtol=2e-5, atol=0)
+    expected_dx = expected_gradient(dy.float().double(), x.float().double(), 3, 3, **settings)
+    torch.testing.assert_close(dx.double(), expected_dx, rtol=2e-5, atol=1e-6 * expected_dx.abs().max().item())
+
+
+def test_gradient_powers_below_float32_are_computed_again_in_double():
+    """T^(-beta-1) below float32's normal range (T = 1e20, beta = 1) while T^-beta is not: the
+    gradient's float32 attempt gives way to double."""
+    x = torch.tensor([[[1e12, 3.0]]])
+    dy = torch.tensor([[[0.7, -1.3]]])
+    settings = dict(alpha=1e-4, beta=1.0, delta=1e-8)
+    dx = sn.spatial_normalization_gradient(dy, x, 1, **settings)
+    torch.testing.assert_close(dx.double(), expected_gradient(dy.double(), x.double(), 1, 1, **settings), rtol=1e-5, atol=0)
+
+
+def test_settings_where_float32_squares_would_lose_t_take_double(generator):
+    """delta = 1e-36 < alpha * 2^-110 with alpha = 1e10: squares of values near 1e-21 fall below
+    float32's normal range (to a few digits), where T = delta + alpha / 9 * (their sum) needs them whole."""
+    x = random_image((1, 2, 8, 9), 1e-21, generator).float()
+    settings = dict(alpha=1e10, beta=0.5, delta=1e-36)
+    y = sn.spatial_normalization(x, 3, **settings)
+    torch.testing.assert_close(y.double(), expected_forward(x.double(), 3, 3, **settings), rtol=2e-5, atol=0)

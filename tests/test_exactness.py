@@ -112,7 +112,7 @@ def test_forward_repros(backend, x, kernel, settings, expected):
 
 
 def test_squares_beyond_float32_on_the_cpu():
-    """The CPU sums float32 squares in double (the GPUs sum in float32: docs/definition.md)."""
+    """The CPU takes squares beyond float32 again in double (the GPUs sum in float32: docs/definition.md)."""
     got = sn.spatial_normalization(torch.tensor([[[1e20, -3e19]]]), 1, beta=0.5)
     torch.testing.assert_close(got, torch.tensor([[[1.0, -1.0]]]))
 

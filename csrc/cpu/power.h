@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
 
 namespace spatialnorm::cpu {
@@ -101,6 +102,50 @@ inline int32_t is_normal(float v) {
   return (v >= std::numeric_limits<float>::min()) & (v <= std::numeric_limits<float>::max());
 }
 
+// The range of magnitudes a loop has seen, for deciding after it whether products of them stayed
+// in float's normal range: the bits of |v| order like |v| (a NaN above infinity), so the range is
+// kept in unsigned minima and maxima, which vectorize where float ones would not. Zeros are left
+// out of the smallest (a product with a zero is an exact zero): 0 - 1 wraps to the top.
+struct MagnitudeBits {
+  uint32_t smallest_less_one = std::numeric_limits<uint32_t>::max();
+  uint32_t largest = 0;
+
+  // The range's ends as doubles: +inf for the smallest of zeros alone, NaN for a NaN seen.
+  double smallest() const {
+    return smallest_less_one == std::numeric_limits<uint32_t>::max()
+               ? std::numeric_limits<double>::infinity()
+               : static_cast<double>(bit_cast<float>(smallest_less_one + 1));
+  }
+  double greatest() const { return static_cast<double>(bit_cast<float>(largest)); }
+};
+
+inline uint32_t magnitude_bits(float v) { return bit_cast<uint32_t>(v) & 0x7fffffffu; }
+
+// range.smallest_less_one and range.largest take v, written on locals so that the loop's reductions vectorize.
+inline void keep_range(uint32_t& smallest_less_one, uint32_t& largest, float v) {
+  const uint32_t bits = magnitude_bits(v);
+  smallest_less_one = std::min(smallest_less_one, bits - 1u);
+  largest = std::max(largest, bits);
+}
+
+// Whether every value a loop has seen, zeros included, was a normal float, from the smallest and
+// largest of their magnitude_bits.
+inline bool all_normal(uint32_t smallest, uint32_t largest) {
+  return smallest >= magnitude_bits(std::numeric_limits<float>::min()) &&
+         largest <= magnitude_bits(std::numeric_limits<float>::max());
+}
+
+// Whether every product of factors from the given ranges is a normal float or an exact zero.
+inline bool products_fit(std::initializer_list<MagnitudeBits> factors) {
+  double smallest = 1.0;
+  double greatest = 1.0;
+  for (const MagnitudeBits& factor : factors) {
+    smallest *= factor.smallest();
+    greatest *= factor.greatest();
+  }
+  return smallest >= std::numeric_limits<float>::min() && greatest <= std::numeric_limits<float>::max();
+}
+
 // fits = fits && ok, over a loop: written as a minimum, which clang's vectorizer takes for a
 // reduction (it leaves a loop with `fits &= ok` scalar) and GCC's as well.
 inline void keep_fitting(int32_t& fits, int32_t ok) { fits = std::min(fits, ok); }
@@ -115,6 +160,13 @@ class LogExpPower {
     const float log_power = exponent_ * positive_log(t);
     keep_fitting(fits, is_normal(t) & (log_power >= -87.0f) & (log_power <= 88.0f));
     return normal_exponential(log_power);
+  }
+
+  // t^e, and t^(e-1) in over_t.
+  float operator()(float t, int32_t& fits, float& over_t) const {
+    const float power = (*this)(t, fits);
+    over_t = power / t;
+    return power;
   }
 
  private:
@@ -143,6 +195,22 @@ class QuarterPower {
         largest_m_(exponent < 0 ? 0x1p126f : std::numeric_limits<float>::max()) {}
 
   float operator()(float t, int32_t& fits) const {
+    const float m = magnitude(t, fits);
+    return reciprocal_ ? 1.0f / m : m;
+  }
+
+  // t^e, and t^(e-1) in over_t, with one division: 1 / (m t) is t^(e-1) for a negative e, and
+  // m^2 / (m t) for a positive one.
+  float operator()(float t, int32_t& fits, float& over_t) const {
+    const float m = magnitude(t, fits);
+    const float r = 1.0f / (m * t);
+    over_t = reciprocal_ ? r : m * m * r;
+    return reciprocal_ ? r * t : m;
+  }
+
+ private:
+  // m = t^|e|.
+  float magnitude(float t, int32_t& fits) const {
     // Selects on the per-call bits, so that the loops vectorize (the compiler hoists them).
     float m = 1.0f;
     if constexpr (kFractional) {
@@ -155,13 +223,13 @@ class QuarterPower {
     m *= (whole_ & 4 ? t4 : 1.0f) * (whole_ & 8 ? t4 * t4 : 1.0f);
     // The factors only grow (t > 1) or shrink (t < 1) towards m, so m normal means they all were.
     keep_fitting(fits, is_normal(t) & (m >= std::numeric_limits<float>::min()) & (m <= largest_m_));
-    return reciprocal_ ? 1.0f / m : m;
+    return m;
   }
 
  private:
   int whole_;     // n, 0 to 15
   int quarters_;  // q, 0 to 3
-  bool reciprocal_;
+  int reciprocal_;  // a bool here keeps GCC from vectorizing the loops around (no vector type for it)
   float largest_m_;  // the largest m whose power is a normal float: 1 / FLT_MIN for a reciprocal
 };
 

@@ -2,9 +2,10 @@
 //
 // Work is split into bands of rows of the (N*C) image planes, processed in parallel; each band
 // takes its window sums whole (window_sums.h), at a cost per element that does not grow with
-// the window past 8 wide. 16-bit types and float32 raise powers in float32 precision; window sums, T
-// and the products with T's powers are double (power.h), so nothing overflows or cancels where
-// the exact result is finite.
+// the window past 8 wide. 16-bit types and float32 raise powers in float32 precision. Their
+// window sums, T and products are float32 first, and a band where any of them left float's
+// normal range is computed again with window sums, T and products in double (power.h), so that
+// nothing overflows or underflows where the exact result does not; float64 is double throughout.
 #include "../spatial_norm.h"
 #include "power.h"
 #include "window_sums.h"
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <atomic>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 // The inner loops are plain arithmetic that the compiler vectorizes; build them for AVX2+FMA
@@ -94,32 +96,70 @@ void parallel_batches(int64_t count, int64_t elements, const Fn& fn) {
 }
 
 // T from a window sum of X^2 (delta alone when alpha is 0, whatever the window holds).
+template <typename T>
 struct Denominator {
-  explicit Denominator(const Settings& s) : delta(s.delta), scale(s.alpha / s.window_size()) {}
+  explicit Denominator(const Settings& s)
+      : delta(static_cast<T>(s.delta)), scale(static_cast<T>(s.alpha / s.window_size())) {}
 
-  double operator()(double sum) const { return scale == 0.0 ? delta : delta + scale * sum; }
+  T operator()(T sum) const { return scale == 0 ? delta : delta + scale * sum; }
 
-  double delta;
-  double scale;  // alpha / (kw * kh)
+  T delta;
+  T scale;  // alpha / (kw * kh)
 };
+
+// dX = dY * T^-beta - gradient_scale * X * (mirrored window sum of G), from double sums.
+template <typename scalar_t>
+bool gradient_output(double gradient_scale, const scalar_t* __restrict x, const double* __restrict first,
+                     const double* __restrict g_sums, scalar_t* __restrict dx, int64_t count) {
+  // Vectorized, but for bfloat16 on aarch64, where clang's cost model keeps the conversion scalar.
+  for (int64_t c = 0; c < count; ++c) {
+    // With alpha = 0 the second term is 0, even where G overflowed.
+    const double second = gradient_scale == 0.0 ? 0.0 : gradient_scale * static_cast<double>(x[c]) * g_sums[c];
+    dx[c] = static_cast<scalar_t>(first[c] - second);
+  }
+  return true;
+}
+
+// Likewise from float32 sums, in float32; false where a product may have left float's normal
+// range (but for exact zeros), by the ranges of its factors.
+template <typename scalar_t>
+bool gradient_output(float gradient_scale, const scalar_t* __restrict x, const float* __restrict first,
+                     const float* __restrict g_sums, scalar_t* __restrict dx, int64_t count) {
+  MagnitudeBits x_range, g_range;
+  for (int64_t c = 0; c < count; ++c) {  // vectorizes
+    const float xf = static_cast<float>(x[c]);
+    keep_range(x_range.smallest_less_one, x_range.largest, xf);
+    keep_range(g_range.smallest_less_one, g_range.largest, g_sums[c]);
+    // With alpha = 0 the second term is 0, even where G overflowed.
+    dx[c] = static_cast<scalar_t>(first[c] - (gradient_scale == 0.0f ? 0.0f : gradient_scale * (xf * g_sums[c])));
+  }
+  MagnitudeBits scale_range;
+  scale_range.smallest_less_one = scale_range.largest = magnitude_bits(gradient_scale);
+  scale_range.smallest_less_one -= 1;
+  return gradient_scale == 0.0f || (products_fit({x_range, g_range}) && products_fit({x_range, g_range, scale_range}));
+}
 
 // The per-element arithmetic of both kernels for one compute type, over spans of elements, from
 // the window sums of X^2: T = delta + alpha / (kw * kh) * (window sum), then
 //   forward:  Y = X * T^-beta
 //   gradient: dY * T^-beta (the first term of dX), and G = dY * X * T^(-beta-1) for the window
 //             sums of the second, dX = dY * T^-beta - gradient_scale * X * (mirrored sum of G).
-// Each is exact where the exact value is finite (power.h).
+// Each is exact where the exact value is finite (power.h). Each returns false where the span must be
+// computed again from double sums.
 template <typename opmath_t>
 class Arithmetic;
 
-// float32 precision powers, vectorized. A span is computed in float32 first, with the fast power
-// for the exponent (QuarterPower where it applies, LogExpPower otherwise); where any element's T
-// or power left float's normal range, the span is computed again with double-range powers.
+// float32 precision powers, vectorized. From double sums, a span is computed in float32 first, with
+// the fast power for the exponent (QuarterPower where it applies, LogExpPower otherwise); where any
+// element's T or power left float's normal range, the span is computed again with double-range
+// powers. From float32 sums everything is float32, and a span where anything left float's normal
+// range returns false.
 template <>
 class Arithmetic<float> {
  public:
   explicit Arithmetic(const Settings& s)
       : denominator_(s),
+        float_denominator_(s),
         float_power_(QuarterPower<false>::applies(-s.beta)  ? FloatPower::kWhole
                      : QuarterPower<true>::applies(-s.beta) ? FloatPower::kQuarter
                                                             : FloatPower::kLogExp),
@@ -127,10 +167,26 @@ class Arithmetic<float> {
         quarter_power_(-s.beta),
         log_exp_power_(-s.beta),
         wide_power_(-s.beta),
-        wide_power_over_t_(-s.beta - 1.0) {}
+        wide_power_over_t_(-s.beta - 1.0),
+        float_sums_apply_(float_sums_apply(s)) {}
+
+  // Whether float32 window sums of float32 squares give T to float accuracy whatever the data, once
+  // the band's sums are finite: squares below float's normal range lose at most 2^-150 each, which
+  // T = delta + alpha / (kw * kh) * (sum) scales to alpha * 2^-150, negligible against delta from
+  // alpha * 2^-110; delta and the scales must be normal floats themselves.
+  static bool float_sums_apply(const Settings& s) {
+    const auto normal_or_zero = [](double v) {
+      const double magnitude = std::fabs(static_cast<double>(static_cast<float>(v)));
+      return v == 0.0 || (magnitude >= std::numeric_limits<float>::min() && magnitude <= std::numeric_limits<float>::max());
+    };
+    return s.delta > 0.0 && normal_or_zero(s.delta) && s.delta >= s.alpha * 0x1p-110 &&
+           normal_or_zero(s.alpha / s.window_size()) && normal_or_zero(2.0 * s.alpha * s.beta / s.window_size());
+  }
+
+  bool float_sums_apply() const { return float_sums_apply_; }
 
   template <typename scalar_t>
-  void forward(const scalar_t* __restrict x, const double* __restrict sums, scalar_t* __restrict y,
+  bool forward(const scalar_t* __restrict x, const double* __restrict sums, scalar_t* __restrict y,
                int64_t count) const {
     const bool fits = with_float_power([&](const auto& power) { return forward_in_float(power, x, sums, y, count); });
     if (!fits) {
@@ -138,10 +194,23 @@ class Arithmetic<float> {
         y[c] = static_cast<scalar_t>(static_cast<double>(x[c]) * wide_power_(denominator_(sums[c])));
       }
     }
+    return true;
   }
 
   template <typename scalar_t>
-  void gradient_terms(const scalar_t* __restrict dy, const scalar_t* __restrict x, const double* __restrict sums,
+  bool forward(const scalar_t* __restrict x, const float* __restrict sums, scalar_t* __restrict y,
+               int64_t count) const {
+    return with_float_power([&](const auto& power) {
+      int32_t fits = 1;
+      for (int64_t c = 0; c < count; ++c) {  // vectorizes
+        y[c] = static_cast<scalar_t>(static_cast<float>(x[c]) * power(float_denominator_(sums[c]), fits));
+      }
+      return fits != 0;
+    });
+  }
+
+  template <typename scalar_t>
+  bool gradient_terms(const scalar_t* __restrict dy, const scalar_t* __restrict x, const double* __restrict sums,
                       double* __restrict first, double* __restrict g, int64_t count) const {
     const bool fits = with_float_power(
         [&](const auto& power) { return gradient_terms_in_float(power, dy, x, sums, first, g, count); });
@@ -153,6 +222,42 @@ class Arithmetic<float> {
         g[c] = dyd * static_cast<double>(x[c]) * wide_power_over_t_(t);
       }
     }
+    return true;
+  }
+
+  // Also checks that T^-beta and T^(-beta-1) are normal floats, that dY * T^-beta did not overflow,
+  // and that no product in G left float's normal range but for exact zeros: by the ranges of the
+  // factors, a bound on every product.
+  template <typename scalar_t>
+  bool gradient_terms(const scalar_t* __restrict dy, const scalar_t* __restrict x, const float* __restrict sums,
+                      float* __restrict first, float* __restrict g, int64_t count) const {
+    return with_float_power([&](const auto& power) {
+      int32_t fits = 1;
+      MagnitudeBits dy_range, x_range;
+      MagnitudeBits over_t_range{magnitude_bits(1.0f), magnitude_bits(1.0f)};
+      uint32_t smallest_power = magnitude_bits(1.0f), largest_power = magnitude_bits(1.0f);
+      for (int64_t c = 0; c < count; ++c) {  // vectorizes
+        float p_over_t;
+        const float p = power(float_denominator_(sums[c]), fits, p_over_t);
+        const float dyf = static_cast<float>(dy[c]);
+        const float xf = static_cast<float>(x[c]);
+        keep_range(dy_range.smallest_less_one, dy_range.largest, dyf);
+        keep_range(x_range.smallest_less_one, x_range.largest, xf);
+        smallest_power = std::min(smallest_power, magnitude_bits(p));
+        largest_power = std::max(largest_power, magnitude_bits(p));
+        // Zeros count here: a power is never an exact zero.
+        over_t_range.smallest_less_one = std::min(over_t_range.smallest_less_one, magnitude_bits(p_over_t));
+        over_t_range.largest = std::max(over_t_range.largest, magnitude_bits(p_over_t));
+        first[c] = dyf * p;
+        g[c] = dyf * xf * p_over_t;
+      }
+      const bool powers_normal = fits != 0 && all_normal(smallest_power, largest_power) &&
+                                 all_normal(over_t_range.smallest_less_one, over_t_range.largest);
+      over_t_range.smallest_less_one -= 1;  // as MagnitudeBits keeps it
+      return powers_normal &&
+             dy_range.greatest() * static_cast<double>(bit_cast<float>(largest_power)) <= std::numeric_limits<float>::max() &&
+             products_fit({dy_range, x_range}) && products_fit({dy_range, x_range, over_t_range});
+    });
   }
 
  private:
@@ -173,9 +278,8 @@ class Arithmetic<float> {
                                int64_t count) const {
     int32_t fits = 1;
     for (int64_t c = 0; c < count; ++c) {  // vectorizes
-      const float tf = static_cast<float>(denominator_(sums[c]));
-      const float p = power(tf, fits);
-      const float p_over_t = p / tf;
+      float p_over_t;
+      const float p = power(static_cast<float>(denominator_(sums[c])), fits, p_over_t);
       keep_fitting(fits, is_normal(p_over_t));
       const double dyd = static_cast<double>(dy[c]);
       first[c] = dyd * static_cast<double>(p);
@@ -196,13 +300,15 @@ class Arithmetic<float> {
 
   enum class FloatPower { kWhole, kQuarter, kLogExp };
 
-  Denominator denominator_;
+  Denominator<double> denominator_;
+  Denominator<float> float_denominator_;
   FloatPower float_power_;  // chosen once per call
   QuarterPower<false> whole_power_;  // T^-beta, for a whole beta
   QuarterPower<true> quarter_power_;  // T^-beta, for beta a whole number of quarters
   LogExpPower log_exp_power_;        // T^-beta, for any other beta
   WidePower wide_power_;         // T^-beta
   WidePower wide_power_over_t_;  // T^(-beta-1)
+  bool float_sums_apply_;
 };
 
 // float64: std::pow, and the log domain where a power alone leaves the double range.
@@ -211,38 +317,89 @@ class Arithmetic<double> {
  public:
   explicit Arithmetic(const Settings& s) : denominator_(s), beta_(s.beta) {}
 
-  void forward(const double* x, const double* sums, double* y, int64_t count) const {
+  bool forward(const double* x, const double* sums, double* y, int64_t count) const {
     for (int64_t c = 0; c < count; ++c) {
       y[c] = times_power(x[c], denominator_(sums[c]), -beta_);
     }
+    return true;
   }
 
-  void gradient_terms(const double* dy, const double* x, const double* sums, double* first, double* g,
+  bool gradient_terms(const double* dy, const double* x, const double* sums, double* first, double* g,
                       int64_t count) const {
     for (int64_t c = 0; c < count; ++c) {
       const double t = denominator_(sums[c]);
       first[c] = times_power(dy[c], t, -beta_);
       g[c] = times_power(dy[c], x[c], t, -beta_ - 1.0);
     }
+    return true;
   }
 
  private:
-  Denominator denominator_;
+  Denominator<double> denominator_;
   double beta_;
 };
 
-// X^2 in double, what the forward windows sum, for the rows [first, last) of a plane.
-template <typename scalar_t>
-void squares(const scalar_t* plane, WindowSums::RowRange rows, int64_t width, std::vector<double>& out) {
+// X^2 in sum_t, what the forward windows sum, for the rows [first, last) of a plane.
+template <typename sum_t, typename scalar_t>
+void squares(const scalar_t* plane, RowRange rows, int64_t width, std::vector<sum_t>& out) {
   const int64_t count = (rows.last - rows.first) * width;
   out.resize(static_cast<size_t>(count));
   const scalar_t* __restrict x = plane + rows.first * width;
-  double* __restrict squared = out.data();
+  sum_t* __restrict squared = out.data();
   for (int64_t c = 0; c < count; ++c) {  // vectorizes
-    const double d = static_cast<double>(x[c]);
-    squared[c] = d * d;
+    const sum_t v = static_cast<sum_t>(x[c]);
+    squared[c] = v * v;
   }
 }
+
+// One thread's window sums and buffers for its bands, with sums in sum_t.
+template <typename sum_t>
+struct BandScratch {
+  BandScratch(int64_t width, const Settings& settings)
+      : window(width, forward_extent(settings.kernel_height), forward_extent(settings.kernel_width)),
+        mirrored_window(width, mirrored(forward_extent(settings.kernel_height)),
+                        mirrored(forward_extent(settings.kernel_width))),
+        gradient_scale(static_cast<sum_t>(2.0 * settings.alpha * settings.beta / settings.window_size())) {}
+
+  WindowSums<sum_t> window;
+  WindowSums<sum_t> mirrored_window;
+  sum_t gradient_scale;  // 2 * alpha * beta / (kw * kh)
+  std::vector<sum_t> squared;
+  std::vector<sum_t> sums;
+  std::vector<sum_t> g_rows;
+  std::vector<sum_t> first_terms;
+};
+
+// Runs band(scratch) with float32 sums where the arithmetic allows them and the band's values fit,
+// else with double sums.
+template <typename opmath_t>
+class FloatFirst {
+ public:
+  FloatFirst(const Arithmetic<opmath_t>& arithmetic, int64_t width, const Settings& settings)
+      : in_float_(width, settings), in_double_(width, settings), float_first_(float_sums_apply(arithmetic)) {}
+
+  template <typename Fn>
+  void run(const Fn& band) {
+    if constexpr (std::is_same_v<opmath_t, float>) {
+      if (float_first_ && band(in_float_)) {
+        return;
+      }
+    }
+    band(in_double_);
+  }
+
+ private:
+  static bool float_sums_apply(const Arithmetic<opmath_t>& arithmetic) {
+    if constexpr (std::is_same_v<opmath_t, float>) {
+      return arithmetic.float_sums_apply();
+    }
+    return false;
+  }
+
+  BandScratch<float> in_float_;
+  BandScratch<double> in_double_;
+  bool float_first_;
+};
 
 template <typename scalar_t>
 SPATIALNORM_VECTORIZED void forward_bands(const scalar_t* input, scalar_t* output, PlaneShape shape,
@@ -250,19 +407,19 @@ SPATIALNORM_VECTORIZED void forward_bands(const scalar_t* input, scalar_t* outpu
                                           int64_t end) {
   const Arithmetic<at::opmath_type<scalar_t>> arithmetic(settings);
   const int64_t width = shape.width;
-  WindowSums window(width, forward_extent(settings.kernel_height), forward_extent(settings.kernel_width));
-  std::vector<double> squared;
-  std::vector<double> sums;
+  FloatFirst<at::opmath_type<scalar_t>> scratch(arithmetic, width, settings);
   for (int64_t i = begin; i < end; ++i) {
     const Band band = bands[i];
     const int64_t offset = band.plane * shape.height * width + band.row_begin * width;
-    squares(input + band.plane * shape.height * width, window.rows_reached(band.row_begin, band.row_end, shape.height),
-            width, squared);
-    sums.resize(static_cast<size_t>((band.row_end - band.row_begin) * width));
-    window.run(squared.data(), shape.height, band.row_begin, band.row_end, sums.data());
-    // The powers in one loop over the whole band: rows are short, and a loop per row would
-    // leave too few independent vectors in flight to hide the polynomials' latency.
-    arithmetic.forward(input + offset, sums.data(), output + offset, static_cast<int64_t>(sums.size()));
+    scratch.run([&](auto& s) {
+      squares(input + band.plane * shape.height * width, s.window.rows_reached(band.row_begin, band.row_end, shape.height),
+              width, s.squared);
+      s.sums.resize(static_cast<size_t>((band.row_end - band.row_begin) * width));
+      s.window.run(s.squared.data(), shape.height, band.row_begin, band.row_end, s.sums.data());
+      // The powers in one loop over the whole band: rows are short, and a loop per row would
+      // leave too few independent vectors in flight to hide the polynomials' latency.
+      return arithmetic.forward(input + offset, s.sums.data(), output + offset, static_cast<int64_t>(s.sums.size()));
+    });
   }
 }
 
@@ -273,47 +430,33 @@ SPATIALNORM_VECTORIZED void backward_bands(const scalar_t* grad_output, const sc
                                            PlaneShape shape, const Settings& settings, const Bands& bands,
                                            int64_t begin, int64_t end) {
   const Arithmetic<at::opmath_type<scalar_t>> arithmetic(settings);
-  const double gradient_scale = 2.0 * settings.alpha * settings.beta / settings.window_size();
   const int64_t width = shape.width;
-  const WindowExtent rows = forward_extent(settings.kernel_height);
-  const WindowExtent cols = forward_extent(settings.kernel_width);
-  WindowSums window(width, rows, cols);
-  WindowSums mirrored_window(width, mirrored(rows), mirrored(cols));
-  std::vector<double> squared;
-  std::vector<double> sums;
-  std::vector<double> g_rows;
-  std::vector<double> first_terms;
+  FloatFirst<at::opmath_type<scalar_t>> scratch(arithmetic, width, settings);
   for (int64_t i = begin; i < end; ++i) {
     const Band band = bands[i];
-    const WindowSums::RowRange g_range = mirrored_window.rows_reached(band.row_begin, band.row_end, shape.height);
-    const int64_t g_begin = g_range.first;
-    const int64_t g_end = g_range.last;
-    const int64_t count = (g_end - g_begin) * width;
-    sums.resize(static_cast<size_t>(count));
-    g_rows.resize(static_cast<size_t>(count));
-    first_terms.resize(static_cast<size_t>(count));
     const int64_t offset = band.plane * shape.height * width;
     const scalar_t* x_plane = input + offset;
     const scalar_t* dy_plane = grad_output + offset;
-
-    squares(x_plane, window.rows_reached(g_begin, g_end, shape.height), width, squared);
-    window.run(squared.data(), shape.height, g_begin, g_end, sums.data());
-    // One loop over all rows, as in the forward pass.
-    arithmetic.gradient_terms(dy_plane + g_begin * width, x_plane + g_begin * width, sums.data(), first_terms.data(),
-                              g_rows.data(), count);
-
-    mirrored_window.run(g_rows.data(), shape.height, band.row_begin, band.row_end, sums.data());
-    const int64_t band_offset = band.row_begin * width;
-    const scalar_t* __restrict x = x_plane + band_offset;
-    const double* __restrict first = first_terms.data() + (band.row_begin - g_begin) * width;
-    const double* __restrict g_sums = sums.data();
-    scalar_t* __restrict dx = grad_input + offset + band_offset;
-    // Vectorized, but for bfloat16 on aarch64, where clang's cost model keeps the conversion scalar.
-    for (int64_t c = 0; c < (band.row_end - band.row_begin) * width; ++c) {
-      // With alpha = 0 the second term is 0, even where G overflowed.
-      const double second = gradient_scale == 0.0 ? 0.0 : gradient_scale * static_cast<double>(x[c]) * g_sums[c];
-      dx[c] = static_cast<scalar_t>(first[c] - second);
-    }
+    scratch.run([&](auto& s) {
+      const RowRange g_range = s.mirrored_window.rows_reached(band.row_begin, band.row_end, shape.height);
+      const int64_t count = (g_range.last - g_range.first) * width;
+      s.sums.resize(static_cast<size_t>(count));
+      s.g_rows.resize(static_cast<size_t>(count));
+      s.first_terms.resize(static_cast<size_t>(count));
+      squares(x_plane, s.window.rows_reached(g_range.first, g_range.last, shape.height), width, s.squared);
+      s.window.run(s.squared.data(), shape.height, g_range.first, g_range.last, s.sums.data());
+      // One loop over all rows, as in the forward pass.
+      const int64_t g_offset = g_range.first * width;
+      if (!arithmetic.gradient_terms(dy_plane + g_offset, x_plane + g_offset, s.sums.data(), s.first_terms.data(),
+                                     s.g_rows.data(), count)) {
+        return false;
+      }
+      s.mirrored_window.run(s.g_rows.data(), shape.height, band.row_begin, band.row_end, s.sums.data());
+      const int64_t band_offset = band.row_begin * width;
+      return gradient_output(s.gradient_scale, x_plane + band_offset,
+                             s.first_terms.data() + (band.row_begin - g_range.first) * width, s.sums.data(),
+                             grad_input + offset + band_offset, (band.row_end - band.row_begin) * width);
+    });
   }
 }
 
