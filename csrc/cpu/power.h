@@ -102,15 +102,21 @@ inline int32_t is_normal(float v) {
   return (v >= std::numeric_limits<float>::min()) & (v <= std::numeric_limits<float>::max());
 }
 
-// The range of magnitudes a loop has seen, for deciding after it whether products of them stayed
-// in float's normal range: the bits of |v| order like |v| (a NaN above infinity), so the range is
-// kept in unsigned minima and maxima, which vectorize where float ones would not. Zeros are left
-// out of the smallest (a product with a zero is an exact zero): 0 - 1 wraps to the top.
-struct MagnitudeBits {
+// The range of nonzero magnitudes a loop has seen, for deciding after it whether products of them
+// stayed in float's normal range (a product with a zero is an exact zero). The bits of |v| order
+// like |v| (a NaN above infinity), so the range is kept in unsigned minima and maxima, which
+// vectorize where float ones would not; a zero's bits less one wrap past every other value's.
+struct MagnitudeRange {
   uint32_t smallest_less_one = std::numeric_limits<uint32_t>::max();
   uint32_t largest = 0;
 
-  // The range's ends as doubles: +inf for the smallest of zeros alone, NaN for a NaN seen.
+  void add(float v) {
+    const uint32_t bits = bit_cast<uint32_t>(v) & 0x7fffffffu;
+    smallest_less_one = std::min(smallest_less_one, bits - 1u);
+    largest = std::max(largest, bits);
+  }
+
+  // The range's ends: +inf for the smallest of zeros alone, NaN for a NaN seen.
   double smallest() const {
     return smallest_less_one == std::numeric_limits<uint32_t>::max()
                ? std::numeric_limits<double>::infinity()
@@ -119,27 +125,11 @@ struct MagnitudeBits {
   double greatest() const { return static_cast<double>(bit_cast<float>(largest)); }
 };
 
-inline uint32_t magnitude_bits(float v) { return bit_cast<uint32_t>(v) & 0x7fffffffu; }
-
-// range.smallest_less_one and range.largest take v, written on locals so that the loop's reductions vectorize.
-inline void keep_range(uint32_t& smallest_less_one, uint32_t& largest, float v) {
-  const uint32_t bits = magnitude_bits(v);
-  smallest_less_one = std::min(smallest_less_one, bits - 1u);
-  largest = std::max(largest, bits);
-}
-
-// Whether every value a loop has seen, zeros included, was a normal float, from the smallest and
-// largest of their magnitude_bits.
-inline bool all_normal(uint32_t smallest, uint32_t largest) {
-  return smallest >= magnitude_bits(std::numeric_limits<float>::min()) &&
-         largest <= magnitude_bits(std::numeric_limits<float>::max());
-}
-
 // Whether every product of factors from the given ranges is a normal float or an exact zero.
-inline bool products_fit(std::initializer_list<MagnitudeBits> factors) {
+inline bool products_fit(std::initializer_list<MagnitudeRange> factors) {
   double smallest = 1.0;
   double greatest = 1.0;
-  for (const MagnitudeBits& factor : factors) {
+  for (const MagnitudeRange& factor : factors) {
     smallest *= factor.smallest();
     greatest *= factor.greatest();
   }

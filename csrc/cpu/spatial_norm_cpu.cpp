@@ -1,7 +1,7 @@
 // CPU kernels of spatialnorm::forward and spatialnorm::backward.
 //
 // Work is split into bands of rows of the (N*C) image planes, processed in parallel; each band
-// takes its window sums whole (window_sums.h), at a cost per element that does not grow with
+// takes its window sums whole (window_sums.h), at a cost per element that grows only slowly with
 // the window past 8 wide. 16-bit types and float32 raise powers in float32 precision. Their
 // window sums, T and products are float32 first, and a band where any of them left float's
 // normal range is computed again with window sums, T and products in double (power.h), so that
@@ -125,17 +125,16 @@ bool gradient_output(double gradient_scale, const scalar_t* __restrict x, const 
 template <typename scalar_t>
 bool gradient_output(float gradient_scale, const scalar_t* __restrict x, const float* __restrict first,
                      const float* __restrict g_sums, scalar_t* __restrict dx, int64_t count) {
-  MagnitudeBits x_range, g_range;
+  MagnitudeRange x_range, g_range;
   for (int64_t c = 0; c < count; ++c) {  // vectorizes
     const float xf = static_cast<float>(x[c]);
-    keep_range(x_range.smallest_less_one, x_range.largest, xf);
-    keep_range(g_range.smallest_less_one, g_range.largest, g_sums[c]);
+    x_range.add(xf);
+    g_range.add(g_sums[c]);
     // With alpha = 0 the second term is 0, even where G overflowed.
     dx[c] = static_cast<scalar_t>(first[c] - (gradient_scale == 0.0f ? 0.0f : gradient_scale * (xf * g_sums[c])));
   }
-  MagnitudeBits scale_range;
-  scale_range.smallest_less_one = scale_range.largest = magnitude_bits(gradient_scale);
-  scale_range.smallest_less_one -= 1;
+  MagnitudeRange scale_range;
+  scale_range.add(gradient_scale);
   return gradient_scale == 0.0f || (products_fit({x_range, g_range}) && products_fit({x_range, g_range, scale_range}));
 }
 
@@ -168,21 +167,9 @@ class Arithmetic<float> {
         log_exp_power_(-s.beta),
         wide_power_(-s.beta),
         wide_power_over_t_(-s.beta - 1.0),
-        float_sums_apply_(float_sums_apply(s)) {}
+        float_sums_apply_(float_sums_suffice(s)) {}
 
-  // Whether float32 window sums of float32 squares give T to float accuracy whatever the data, once
-  // the band's sums are finite: squares below float's normal range lose at most 2^-150 each, which
-  // T = delta + alpha / (kw * kh) * (sum) scales to alpha * 2^-150, negligible against delta from
-  // alpha * 2^-110; delta and the scales must be normal floats themselves.
-  static bool float_sums_apply(const Settings& s) {
-    const auto normal_or_zero = [](double v) {
-      const double magnitude = std::fabs(static_cast<double>(static_cast<float>(v)));
-      return v == 0.0 || (magnitude >= std::numeric_limits<float>::min() && magnitude <= std::numeric_limits<float>::max());
-    };
-    return s.delta > 0.0 && normal_or_zero(s.delta) && s.delta >= s.alpha * 0x1p-110 &&
-           normal_or_zero(s.alpha / s.window_size()) && normal_or_zero(2.0 * s.alpha * s.beta / s.window_size());
-  }
-
+  // Whether the settings let a band go in float32 first (FloatFirst).
   bool float_sums_apply() const { return float_sums_apply_; }
 
   template <typename scalar_t>
@@ -225,37 +212,30 @@ class Arithmetic<float> {
     return true;
   }
 
-  // Also checks that T^-beta and T^(-beta-1) are normal floats, that dY * T^-beta did not overflow,
-  // and that no product in G left float's normal range but for exact zeros: by the ranges of the
-  // factors, a bound on every product.
+  // Also checks that T^(-beta-1) is a normal float (as T^-beta is), that no dY * T^-beta
+  // overflowed, and that no product in G left float's normal range but for exact zeros: by the
+  // ranges of the factors, a bound on every product.
   template <typename scalar_t>
   bool gradient_terms(const scalar_t* __restrict dy, const scalar_t* __restrict x, const float* __restrict sums,
                       float* __restrict first, float* __restrict g, int64_t count) const {
     return with_float_power([&](const auto& power) {
       int32_t fits = 1;
-      MagnitudeBits dy_range, x_range;
-      MagnitudeBits over_t_range{magnitude_bits(1.0f), magnitude_bits(1.0f)};
-      uint32_t smallest_power = magnitude_bits(1.0f), largest_power = magnitude_bits(1.0f);
+      MagnitudeRange dy_range, x_range, over_t_range, first_range;
       for (int64_t c = 0; c < count; ++c) {  // vectorizes
         float p_over_t;
         const float p = power(float_denominator_(sums[c]), fits, p_over_t);
+        keep_fitting(fits, is_normal(p_over_t));
         const float dyf = static_cast<float>(dy[c]);
         const float xf = static_cast<float>(x[c]);
-        keep_range(dy_range.smallest_less_one, dy_range.largest, dyf);
-        keep_range(x_range.smallest_less_one, x_range.largest, xf);
-        smallest_power = std::min(smallest_power, magnitude_bits(p));
-        largest_power = std::max(largest_power, magnitude_bits(p));
-        // Zeros count here: a power is never an exact zero.
-        over_t_range.smallest_less_one = std::min(over_t_range.smallest_less_one, magnitude_bits(p_over_t));
-        over_t_range.largest = std::max(over_t_range.largest, magnitude_bits(p_over_t));
-        first[c] = dyf * p;
+        dy_range.add(dyf);
+        x_range.add(xf);
+        over_t_range.add(p_over_t);
+        const float first_term = dyf * p;
+        first_range.add(first_term);
+        first[c] = first_term;
         g[c] = dyf * xf * p_over_t;
       }
-      const bool powers_normal = fits != 0 && all_normal(smallest_power, largest_power) &&
-                                 all_normal(over_t_range.smallest_less_one, over_t_range.largest);
-      over_t_range.smallest_less_one -= 1;  // as MagnitudeBits keeps it
-      return powers_normal &&
-             dy_range.greatest() * static_cast<double>(bit_cast<float>(largest_power)) <= std::numeric_limits<float>::max() &&
+      return fits != 0 && first_range.greatest() <= std::numeric_limits<float>::max() &&
              products_fit({dy_range, x_range}) && products_fit({dy_range, x_range, over_t_range});
     });
   }
@@ -288,6 +268,19 @@ class Arithmetic<float> {
     return fits;
   }
 
+  // Whether float32 window sums of float32 squares give T to float accuracy whatever the data, once
+  // the band's sums are finite: squares below float's normal range lose at most 2^-150 each, which
+  // T = delta + alpha / (kw * kh) * (sum) scales to alpha * 2^-150, negligible against delta from
+  // alpha * 2^-110; delta and the scales must be normal floats themselves.
+  static bool float_sums_suffice(const Settings& s) {
+    const auto normal_or_zero = [](double v) {
+      const double magnitude = std::fabs(static_cast<double>(static_cast<float>(v)));
+      return v == 0.0 || (magnitude >= std::numeric_limits<float>::min() && magnitude <= std::numeric_limits<float>::max());
+    };
+    return s.delta > 0.0 && normal_or_zero(s.delta) && s.delta >= s.alpha * 0x1p-110 &&
+           normal_or_zero(s.alpha / s.window_size()) && normal_or_zero(2.0 * s.alpha * s.beta / s.window_size());
+  }
+
   // fn(power) with the fastest float32 power that applies to the exponent.
   template <typename Fn>
   bool with_float_power(const Fn& fn) const {
@@ -316,6 +309,8 @@ template <>
 class Arithmetic<double> {
  public:
   explicit Arithmetic(const Settings& s) : denominator_(s), beta_(s.beta) {}
+
+  bool float_sums_apply() const { return false; }
 
   bool forward(const double* x, const double* sums, double* y, int64_t count) const {
     for (int64_t c = 0; c < count; ++c) {
@@ -376,10 +371,11 @@ template <typename opmath_t>
 class FloatFirst {
  public:
   FloatFirst(const Arithmetic<opmath_t>& arithmetic, int64_t width, const Settings& settings)
-      : in_float_(width, settings), in_double_(width, settings), float_first_(float_sums_apply(arithmetic)) {}
+      : in_float_(width, settings), in_double_(width, settings), float_first_(arithmetic.float_sums_apply()) {}
 
   template <typename Fn>
   void run(const Fn& band) {
+    // Only float32 arithmetic takes float32 sums: float64's never gets to instantiate them.
     if constexpr (std::is_same_v<opmath_t, float>) {
       if (float_first_ && band(in_float_)) {
         return;
@@ -389,13 +385,6 @@ class FloatFirst {
   }
 
  private:
-  static bool float_sums_apply(const Arithmetic<opmath_t>& arithmetic) {
-    if constexpr (std::is_same_v<opmath_t, float>) {
-      return arithmetic.float_sums_apply();
-    }
-    return false;
-  }
-
   BandScratch<float> in_float_;
   BandScratch<double> in_double_;
   bool float_first_;

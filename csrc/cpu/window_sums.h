@@ -43,9 +43,7 @@ class WindowSums {
         rows_(rows),
         cols_(clipped(cols, width)),
         // A row of column sums has the window's reach before and after it as zeros.
-        stride_(width + cols_.span()),
-        levels_{std::vector<sum_t>(cols_.span() > kDirectUpTo ? static_cast<size_t>(stride_) : 0),
-                std::vector<sum_t>(cols_.span() > kDirectUpTo ? static_cast<size_t>(stride_) : 0)} {}
+        stride_(width + cols_.span()) {}
 
   // The rows of the plane that the windows of rows [row_begin, row_end) reach.
   RowRange rows_reached(int64_t row_begin, int64_t row_end, int64_t height) const {
@@ -208,6 +206,9 @@ class WindowSums {
   // would be a dependent scalar addition per element.
   void row_sums_by_powers_of_two(const sum_t* columns, sum_t* __restrict out) {
     const int64_t span = cols_.span();
+    for (std::vector<sum_t>& level : levels_) {
+      level.resize(static_cast<size_t>(stride_));
+    }
     const sum_t* level = columns;  // sums of `piece` consecutive columns, from x
     int64_t offset = 0;  // where the next piece of the window starts, after x
     for (int64_t piece = 1; piece <= span; piece *= 2) {
