@@ -1,7 +1,9 @@
 // Device helpers of the CUDA kernels: 2-D arrays in a block's shared memory, loading a region of
 // an image plane into one in 16-byte groups, and window sums sliding along its rows or down its
-// columns (a group of columns at once).
+// columns (a few columns at once).
 #pragma once
+
+#include "lanes.cuh"
 
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <cuda_runtime.h>
@@ -13,32 +15,6 @@
 namespace spatialnorm::cuda {
 
 using Divider = at::cuda::detail::IntDivider<unsigned int>;
-
-// kSize consecutive values of a line, added lane by lane: what a thread loads or stores at once
-// (16 bytes of the image where its rows allow) and carries through the passes down the columns.
-template <typename T, int kSize>
-struct alignas(sizeof(T) * kSize < 16 ? sizeof(T) * kSize : 16) Lanes {
-  T v[kSize];
-
-  Lanes() = default;
-  __device__ Lanes(int zero) {  // NOLINT: Lanes<T, n> sum = 0, as for a number
-#pragma unroll
-    for (int e = 0; e < kSize; ++e) {
-      v[e] = T(zero);
-    }
-  }
-
-  __device__ Lanes operator+(const Lanes& other) const {
-    Lanes sum;
-#pragma unroll
-    for (int e = 0; e < kSize; ++e) {
-      sum.v[e] = v[e] + other.v[e];
-    }
-    return sum;
-  }
-
-  __device__ Lanes& operator+=(const Lanes& other) { return *this = *this + other; }
-};
 
 // A row-major 2-D array in shared memory. Rows start 16-byte aligned, and a row's bytes are an odd
 // multiple of 16: then 16-byte accesses by the threads of a quarter warp along one row, and
@@ -137,14 +113,15 @@ struct RegionLoad {
   }
 };
 
-// Hands each group of `region` of a height x width plane to store(row, column, group), relative to
-// the region, zeros outside the plane. The region is in groups of kSize, and a group lies in the
-// plane or out of it as a whole (the width is a multiple of kSize): each group is one load.
+// Hands each group of `region` of a height x width plane to store(row, column, values), relative
+// to the region, in the compute type, zeros outside the plane. The region is in groups of kSize,
+// and a group lies in the plane or out of it as a whole (the width is a multiple of kSize): each
+// group is one load.
 // Offsets inside the region are 32-bit: the host keeps rows * width below 2^31.
 template <int kSize, typename scalar_t, typename Store>
 __device__ inline void load_region(const scalar_t* __restrict__ plane, int height, int width, const Region& region,
                                    const RegionLoad& load, Store store) {
-  using Group = Lanes<scalar_t, kSize>;
+  using Group = Stored<scalar_t, kSize>;
   const Inside in_plane(region, height, width);
   const auto lane = load.lanes.divmod(threadIdx.x);
   const int step = load.rows_per_step;
@@ -168,7 +145,7 @@ __device__ inline void load_region(const scalar_t* __restrict__ plane, int heigh
       for (int j = 0; j < kLoadBatch; ++j) {
         const int r = r0 + j * step;
         if (r < region.rows) {
-          store(r, c, loaded[j]);
+          store(r, c, widen<scalar_t, kSize>(loaded[j]));
         }
       }
     }
@@ -275,12 +252,12 @@ __device__ inline void slide_rows(const RowPass& pass, SharedArray<T> in, int co
   }
 }
 
-// A pass of window sums down the columns of a shared array, kSize columns (a group) at once: each
-// thread takes a stretch of `stretch` consecutive rows of one group, consecutive threads on
-// consecutive groups. Set up for the launch's largest tile; smaller tiles at the plane's edges
+// A pass of window sums down the columns of a shared array, kSize columns (a unit) at once: each
+// thread takes a stretch of `stretch` consecutive rows of one unit, consecutive threads on
+// consecutive units. Set up for the launch's largest tile; smaller tiles at the plane's edges
 // leave some units idle.
 struct ColumnPass {
-  Divider groups;
+  Divider groups;  // units across a row
   int stretch;
   int units;
 
@@ -292,8 +269,8 @@ struct ColumnPass {
   }
 };
 
-// For each of the first `groups` groups and each row r < length, emit(group, r, sums) gets the
-// sums of the group's kSize columns over rows r .. r + window - 1.
+// For each of the first `groups` units and each row r < length, emit(unit, r, sums) gets the
+// sums of the unit's kSize columns over rows r .. r + window - 1.
 template <int kSize, typename T, typename Emit>
 __device__ inline void slide_columns(const ColumnPass& pass, SharedArray<T> in, int groups, int length, int window,
                                      Emit emit) {

@@ -3,8 +3,8 @@
 // A block owns a tile of one image plane. It loads the tile and the halo its windows reach in
 // groups of 16 bytes (8 values of 16 bits, 4 of float), squares them once into shared memory in
 // the compute type, takes window sums along the region's rows (sums that never subtract, about
-// two terms read per output up to 9 wide), then down the tile's columns a group of columns at a
-// time; that pass evaluates T^-beta once per element and writes the tile's output in groups,
+// two terms read per output up to 9 wide), then down the tile's columns four columns (a group of
+// float32) at a time; that pass evaluates T^-beta once per element and writes the tile's output,
 // reading X again through the caches. Each kernel reads its inputs from memory and writes its
 // output once, apart from the halos (mostly served by L2). The gradient is one kernel too: it
 // makes G = dY*X*T^(-beta-1) over the tile and the mirrored window's halo, and P = dY*T^-beta over
@@ -87,14 +87,14 @@ struct Square {
   }
 };
 
-// Stores the squares of a group of values, in the compute type, at (row, column) of `squares`.
-template <typename opmath_t, int kSize, typename scalar_t>
+// Stores the squares of a group of values at (row, column) of `squares`.
+template <typename opmath_t, int kSize>
 __device__ inline void store_squares(const SharedArray<opmath_t>& squares, int row, int column,
-                                     const Lanes<scalar_t, kSize>& values) {
+                                     const Lanes<opmath_t, kSize>& values) {
   Lanes<opmath_t, kSize> result;
 #pragma unroll
   for (int e = 0; e < kSize; ++e) {
-    result.v[e] = Square<scalar_t>()(values.v[e]);
+    result.v[e] = values.v[e] * values.v[e];
   }
   squares.template lanes<kSize>(row, column) = result;
 }
@@ -168,14 +168,14 @@ struct PlaneOffsets {
 };
 
 template <int kSize, typename scalar_t>
-__device__ inline Lanes<scalar_t, kSize> load_group(const scalar_t* __restrict__ p) {
-  return *reinterpret_cast<const Lanes<scalar_t, kSize>*>(p);
-}
-
-template <int kSize, typename scalar_t>
 __device__ inline void store_group(scalar_t* __restrict__ p, const Lanes<scalar_t, kSize>& group) {
   *reinterpret_cast<Lanes<scalar_t, kSize>*>(p) = group;
 }
+
+// The columns a thread carries through a pass down the columns: a group, at most four (16 bytes of
+// float32 sums; a group of eight 16-bit values would take twice the registers and shares its
+// passes out among half as many threads).
+__host__ __device__ constexpr int unit_columns(int group) { return group < 4 ? group : 4; }
 
 // The forward: the squares of the input region (the tile and W's halo, in groups) and their
 // window sums along the rows.
@@ -198,7 +198,7 @@ struct ForwardPasses {
   ForwardPasses(const TileGrid& grid, Extents w, int group, int threads)
       : x(grid.tile_columns + w.width() - 1, group, threads),
         rows(grid.tile_rows + w.height() - 1, grid.tile_columns, threads),
-        columns(grid.tile_columns / group, grid.tile_rows, threads) {}
+        columns(grid.tile_columns / unit_columns(group), grid.tile_rows, threads) {}
 };
 
 template <typename scalar_t, int kGroup>
@@ -206,6 +206,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
     forward_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output, TileGrid grid,
                    ForwardPasses passes, Extents w, Coefficients<at::opmath_type<scalar_t>> k) {
   using opmath_t = at::opmath_type<scalar_t>;
+  constexpr int kUnit = unit_columns(kGroup);
   extern __shared__ __align__(16) unsigned char shared[];
   SharedLayout layout(shared);
   const ForwardArrays<opmath_t> a(layout, grid.tile_rows, grid.tile_columns, w, kGroup);
@@ -213,7 +214,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
   const int64_t offset = tile.plane * grid.height * int64_t{grid.width};
   const Region region = in_groups(reach(tile.region(), w), kGroup);
   load_region<kGroup>(input + offset, grid.height, grid.width, region, passes.x,
-                      [&](int r, int c, const Lanes<scalar_t, kGroup>& x) { store_squares(a.squares, r, c, x); });
+                      [&](int r, int c, const Lanes<opmath_t, kGroup>& x) { store_squares(a.squares, r, c, x); });
   __syncthreads();
 
   const int first_column = tile.col0 - w.left - region.col0;  // of the first window
@@ -224,18 +225,17 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
   const scalar_t* tile_x = input + plane.first;
   scalar_t* tile_y = output + plane.first;
   const auto write_output = [&](auto powers) {
-    slide_columns<kGroup>(passes.columns, a.row_sums, tile.columns / kGroup, tile.rows, w.height(),
-                          [&](int g, int r, const Lanes<opmath_t, kGroup>& sums) {
-                            const int at = plane.at(r, g * kGroup);
-                            const auto x = load_group<kGroup>(tile_x + at);
-                            Lanes<scalar_t, kGroup> y;
+    slide_columns<kUnit>(passes.columns, a.row_sums, tile.columns / kUnit, tile.rows, w.height(),
+                         [&](int unit, int r, const Lanes<opmath_t, kUnit>& sums) {
+                           const int at = plane.at(r, unit * kUnit);
+                           const auto x = load_widened<scalar_t, kUnit>(tile_x + at);
+                           Lanes<scalar_t, kUnit> y;
 #pragma unroll
-                            for (int e = 0; e < kGroup; ++e) {
-                              y.v[e] = static_cast<scalar_t>(
-                                  powers(static_cast<opmath_t>(x.v[e]), denominator(k, sums.v[e]), k.neg_beta));
-                            }
-                            store_group(tile_y + at, y);
-                          });
+                           for (int e = 0; e < kUnit; ++e) {
+                             y.v[e] = static_cast<scalar_t>(powers(x.v[e], denominator(k, sums.v[e]), k.neg_beta));
+                           }
+                           store_group(tile_y + at, y);
+                         });
     return powers.missed;
   };
   if (__syncthreads_or(write_output(FastPowers()))) {
@@ -277,9 +277,10 @@ struct BackwardPasses {
   BackwardPasses(const TileGrid& grid, Extents w, int group, int threads)
       : x(g_columns(grid.tile_columns, w, group) + w.width() - 1, group, threads),
         x_rows(grid.tile_rows + 2 * (w.height() - 1), g_columns(grid.tile_columns, w, group), threads),
-        t_columns(g_columns(grid.tile_columns, w, group) / group, grid.tile_rows + w.height() - 1, threads),
+        t_columns(g_columns(grid.tile_columns, w, group) / unit_columns(group), grid.tile_rows + w.height() - 1,
+                  threads),
         g_rows(grid.tile_rows + w.height() - 1, grid.tile_columns, threads),
-        tile_columns(grid.tile_columns / group, grid.tile_rows, threads) {}
+        tile_columns(grid.tile_columns / unit_columns(group), grid.tile_rows, threads) {}
 };
 
 // dX = dY*P - gradient_scale * X * (M-window sum of G), P = T^-beta, G = dY*X*T^(-beta-1).
@@ -289,7 +290,8 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
                     scalar_t* __restrict__ grad_input, TileGrid grid, BackwardPasses passes, Extents w,
                     Coefficients<at::opmath_type<scalar_t>> k) {
   using opmath_t = at::opmath_type<scalar_t>;
-  using Group = Lanes<opmath_t, kGroup>;
+  constexpr int kUnit = unit_columns(kGroup);
+  using Unit = Lanes<opmath_t, kUnit>;
   extern __shared__ __align__(16) unsigned char shared[];
   SharedLayout layout(shared);
   const BackwardArrays<opmath_t> a(layout, grid.tile_rows, grid.tile_columns, w, kGroup);
@@ -298,7 +300,7 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
   const Region g_region = in_groups(reach(tile.region(), w.mirrored()), kGroup);
   const Region x_region = in_groups(reach(g_region, w), kGroup);
   load_region<kGroup>(input + offset, grid.height, grid.width, x_region, passes.x,
-                      [&](int r, int c, const Lanes<scalar_t, kGroup>& x) { store_squares(a.squares, r, c, x); });
+                      [&](int r, int c, const Lanes<opmath_t, kGroup>& x) { store_squares(a.squares, r, c, x); });
   __syncthreads();
 
   slide_rows(passes.x_rows, a.squares, g_region.col0 - w.left - x_region.col0, x_region.rows,
@@ -311,29 +313,28 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
   const int tile_top = tile.row0 - g_region.row0;
   const int tile_left = tile.col0 - g_region.col0;
   const auto make_g = [&](auto powers) {
-    slide_columns<kGroup>(
-        passes.t_columns, a.row_sums, g_region.columns / kGroup, g_region.rows, w.height(),
-        [&](int group, int r, const Group& sums) {
-          const int c = group * kGroup;
-          Group g = 0;
+    slide_columns<kUnit>(
+        passes.t_columns, a.row_sums, g_region.columns / kUnit, g_region.rows, w.height(),
+        [&](int unit, int r, const Unit& sums) {
+          const int c = unit * kUnit;
+          Unit g = 0;
           if (g_plane.inside(r, c)) {
             const int at = g_plane.at(r, c);
-            const auto dy = load_group<kGroup>(g_dy + at);
-            const auto x = load_group<kGroup>(g_x + at);
-            Group p;
+            const auto dy = load_widened<scalar_t, kUnit>(g_dy + at);
+            const auto x = load_widened<scalar_t, kUnit>(g_x + at);
+            Unit p;
 #pragma unroll
-            for (int e = 0; e < kGroup; ++e) {
+            for (int e = 0; e < kUnit; ++e) {
               const PowerBase<opmath_t> t = denominator(k, sums.v[e]);
-              const opmath_t d = static_cast<opmath_t>(dy.v[e]);
-              g.v[e] = powers(d * static_cast<opmath_t>(x.v[e]), t, k.g_exponent);
-              p.v[e] = powers(d, t, k.neg_beta);
+              g.v[e] = powers(dy.v[e] * x.v[e], t, k.g_exponent);
+              p.v[e] = powers(dy.v[e], t, k.neg_beta);
             }
             const int tr = r - tile_top, tc = c - tile_left;
             if (tr >= 0 && tr < tile.rows && tc >= 0 && tc < tile.columns) {
-              a.p.template lanes<kGroup>(tr, tc) = p;
+              a.p.template lanes<kUnit>(tr, tc) = p;
             }
           }
-          a.g().template lanes<kGroup>(r, c) = g;
+          a.g().template lanes<kUnit>(r, c) = g;
         });
     return powers.missed;
   };
@@ -348,20 +349,19 @@ __global__ void __launch_bounds__(kMaxThreads, 2)
   const PlaneOffsets plane(offset, tile.region(), grid.height, grid.width);
   const scalar_t* tile_x = input + plane.first;
   scalar_t* tile_dx = grad_input + plane.first;
-  slide_columns<kGroup>(passes.tile_columns, a.row_sums, tile.columns / kGroup, tile.rows, w.height(),
-                        [&](int group, int r, const Group& sums) {
-                          const int c = group * kGroup;
-                          const int at = plane.at(r, c);
-                          const auto x = load_group<kGroup>(tile_x + at);
-                          const Group& p = a.p.template lanes<kGroup>(r, c);
-                          Lanes<scalar_t, kGroup> dx;
+  slide_columns<kUnit>(passes.tile_columns, a.row_sums, tile.columns / kUnit, tile.rows, w.height(),
+                       [&](int unit, int r, const Unit& sums) {
+                         const int c = unit * kUnit;
+                         const int at = plane.at(r, c);
+                         const auto x = load_widened<scalar_t, kUnit>(tile_x + at);
+                         const Unit& p = a.p.template lanes<kUnit>(r, c);
+                         Lanes<scalar_t, kUnit> dx;
 #pragma unroll
-                          for (int e = 0; e < kGroup; ++e) {
-                            dx.v[e] = static_cast<scalar_t>(
-                                gradient_of_input(k, p.v[e], static_cast<opmath_t>(x.v[e]), sums.v[e]));
-                          }
-                          store_group(tile_dx + at, dx);
-                        });
+                         for (int e = 0; e < kUnit; ++e) {
+                           dx.v[e] = static_cast<scalar_t>(gradient_of_input(k, p.v[e], x.v[e], sums.v[e]));
+                         }
+                         store_group(tile_dx + at, dx);
+                       });
 }
 
 // The line passes (line_passes.cuh), where a window is too wide for a tile or costs more there:
@@ -460,8 +460,8 @@ const SharedMemory& shared_memory() {
 // more: 1.08 against 0.69 ms). Offsets within a tile's
 // rows are 32-bit, as are block indices. Tiles are tall: the passes along the rows pay for the
 // window's halo rows a second time in every tile, and its halo columns lie mostly outside the
-// plane where planes are narrow. Groups of 8 (16-bit values) get tiles twice as wide, so that the
-// passes down the columns have as many groups to share out.
+// plane where planes are narrow. 16-bit values get tiles twice as wide, whose rows load as many
+// bytes as float32's.
 template <typename Arrays, typename Passes>
 std::optional<Launch<Passes>> plan(const PlaneShape& shape, Extents w, int group, size_t preferred_blocks) {
   constexpr size_t kReservedPerBlock = 1024;  // shared memory the system keeps for each block
