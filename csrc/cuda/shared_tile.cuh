@@ -257,35 +257,35 @@ __device__ inline void slide_rows(const RowPass& pass, SharedArray<T> in, int co
 // consecutive units. Set up for the launch's largest tile; smaller tiles at the plane's edges
 // leave some units idle.
 struct ColumnPass {
-  Divider groups;  // units across a row
+  Divider units_across;  // of a row
   int stretch;
-  int units;
+  int items;  // (unit, stretch) pairs
 
   ColumnPass() = default;
-  ColumnPass(int groups, int length, int threads) : groups(groups) {
-    const int threads_per_group = std::max(1, threads / groups);
-    stretch = (length + threads_per_group - 1) / threads_per_group;
-    units = groups * ((length + stretch - 1) / stretch);
+  ColumnPass(int units_across, int length, int threads) : units_across(units_across) {
+    const int threads_per_unit = std::max(1, threads / units_across);
+    stretch = (length + threads_per_unit - 1) / threads_per_unit;
+    items = units_across * ((length + stretch - 1) / stretch);
   }
 };
 
-// For each of the first `groups` units and each row r < length, emit(unit, r, sums) gets the
+// For each of the first `units_across` units and each row r < length, emit(unit, r, sums) gets the
 // sums of the unit's kSize columns over rows r .. r + window - 1.
 template <int kSize, typename T, typename Emit>
-__device__ inline void slide_columns(const ColumnPass& pass, SharedArray<T> in, int groups, int length, int window,
-                                     Emit emit) {
+__device__ inline void slide_columns(const ColumnPass& pass, SharedArray<T> in, int units_across, int length,
+                                     int window, Emit emit) {
   // A chunk's suffix sums take kChunk * kSize registers.
-  constexpr int kMaxChunk = kSize >= 8 ? 2 : 16 / kSize;
-  for (unsigned int unit = threadIdx.x; unit < static_cast<unsigned int>(pass.units); unit += blockDim.x) {
-    const auto at = pass.groups.divmod(unit);
-    const int group = at.mod;
+  constexpr int kMaxChunk = 16 / kSize;
+  for (unsigned int item = threadIdx.x; item < static_cast<unsigned int>(pass.items); item += blockDim.x) {
+    const auto at = pass.units_across.divmod(item);
+    const int unit = at.mod;
     const int begin = at.div * pass.stretch;
     const int count = min(length, begin + pass.stretch) - begin;
-    if (group < groups && count > 0) {
-      const T* column = &in(begin, group * kSize);
+    if (unit < units_across && count > 0) {
+      const T* column = &in(begin, unit * kSize);
       window_sums<kMaxChunk>(
           [&](int j) { return *reinterpret_cast<const Lanes<T, kSize>*>(column + j * in.pitch); }, count,
-          pass.stretch, window, [&](int i, const Lanes<T, kSize>& sums) { emit(group, begin + i, sums); });
+          pass.stretch, window, [&](int i, const Lanes<T, kSize>& sums) { emit(unit, begin + i, sums); });
     }
   }
 }
