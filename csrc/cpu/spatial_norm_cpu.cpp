@@ -149,10 +149,10 @@ template <typename opmath_t>
 class Arithmetic;
 
 // float32 precision powers, vectorized. From double sums, a span is computed in float32 first, with
-// the fast power for the exponent (QuarterPower where it applies, LogExpPower otherwise); where any
-// element's T or power left float's normal range, the span is computed again with double-range
-// powers. From float32 sums everything is float32, and a span where anything left float's normal
-// range returns false.
+// the fast power for the exponent (QuarterPower or RootPower where they apply, LogExpPower
+// otherwise); where any element's T or power left float's normal range (by the range of T the loop
+// saw, after it), the span is computed again with double-range powers. From float32 sums
+// everything is float32, and a span where anything left float's normal range returns false.
 template <>
 class Arithmetic<float> {
  public:
@@ -160,13 +160,16 @@ class Arithmetic<float> {
       : denominator_(s),
         float_denominator_(s),
         float_power_(QuarterPower<false>::applies(-s.beta)  ? FloatPower::kWhole
+                     : RootPower::applies(-s.beta)          ? FloatPower::kRoot
                      : QuarterPower<true>::applies(-s.beta) ? FloatPower::kQuarter
                                                             : FloatPower::kLogExp),
         whole_power_(-s.beta),
+        root_power_(-s.beta),
         quarter_power_(-s.beta),
         log_exp_power_(-s.beta),
         wide_power_(-s.beta),
         wide_power_over_t_(-s.beta - 1.0),
+        exponent_(-s.beta),
         float_sums_apply_(float_sums_suffice(s)) {}
 
   // Whether the settings let a band go in float32 first (FloatFirst).
@@ -188,11 +191,13 @@ class Arithmetic<float> {
   bool forward(const scalar_t* __restrict x, const float* __restrict sums, scalar_t* __restrict y,
                int64_t count) const {
     return with_float_power([&](const auto& power) {
-      int32_t fits = 1;
+      BaseRange t_range;
       for (int64_t c = 0; c < count; ++c) {  // vectorizes
-        y[c] = static_cast<scalar_t>(static_cast<float>(x[c]) * power(float_denominator_(sums[c]), fits));
+        const float t = float_denominator_(sums[c]);
+        t_range.add(t);
+        y[c] = static_cast<scalar_t>(static_cast<float>(x[c]) * power(t));
       }
-      return fits != 0;
+      return power.fits(t_range, false);
     });
   }
 
@@ -212,31 +217,33 @@ class Arithmetic<float> {
     return true;
   }
 
-  // Also checks that T^(-beta-1) is a normal float (as T^-beta is), that no dY * T^-beta
-  // overflowed, and that no product in G left float's normal range but for exact zeros: by the
-  // ranges of the factors, a bound on every product.
+  // Also checks that no dY * T^-beta overflowed and that no product in G left float's normal range
+  // but for exact zeros: by the ranges of the factors, a bound on every product.
   template <typename scalar_t>
   bool gradient_terms(const scalar_t* __restrict dy, const scalar_t* __restrict x, const float* __restrict sums,
                       float* __restrict first, float* __restrict g, int64_t count) const {
     return with_float_power([&](const auto& power) {
-      int32_t fits = 1;
-      MagnitudeRange dy_range, x_range, over_t_range, first_range;
+      BaseRange t_range;
+      MagnitudeRange dy_range, x_range;
       for (int64_t c = 0; c < count; ++c) {  // vectorizes
+        const float t = float_denominator_(sums[c]);
+        t_range.add(t);
         float p_over_t;
-        const float p = power(float_denominator_(sums[c]), fits, p_over_t);
-        keep_fitting(fits, is_normal(p_over_t));
+        const float p = power(t, p_over_t);
         const float dyf = static_cast<float>(dy[c]);
         const float xf = static_cast<float>(x[c]);
         dy_range.add(dyf);
         x_range.add(xf);
-        over_t_range.add(p_over_t);
-        const float first_term = dyf * p;
-        first_range.add(first_term);
-        first[c] = first_term;
+        first[c] = dyf * p;
         g[c] = dyf * xf * p_over_t;
       }
-      return fits != 0 && first_range.greatest() <= std::numeric_limits<float>::max() &&
-             products_fit({dy_range, x_range}) && products_fit({dy_range, x_range, over_t_range});
+      if (!power.fits(t_range, true)) {
+        return false;
+      }
+      const PowerRange p_range(t_range, exponent_);
+      const PowerRange over_t_range(t_range, exponent_ - 1.0);
+      return dy_range.greatest() * p_range.magnitudes.greatest() <= std::numeric_limits<float>::max() &&
+             products_fit({dy_range, x_range}) && products_fit({dy_range, x_range, over_t_range.magnitudes});
     });
   }
 
@@ -244,28 +251,30 @@ class Arithmetic<float> {
   template <typename Power, typename scalar_t>
   bool forward_in_float(const Power& power, const scalar_t* __restrict x, const double* __restrict sums,
                         scalar_t* __restrict y, int64_t count) const {
-    int32_t fits = 1;
+    BaseRange t_range;
     for (int64_t c = 0; c < count; ++c) {  // vectorizes
       const float t = static_cast<float>(denominator_(sums[c]));
-      y[c] = static_cast<scalar_t>(static_cast<float>(x[c]) * power(t, fits));
+      t_range.add(t);
+      y[c] = static_cast<scalar_t>(static_cast<float>(x[c]) * power(t));
     }
-    return fits;
+    return power.fits(t_range, false);
   }
 
   template <typename Power, typename scalar_t>
   bool gradient_terms_in_float(const Power& power, const scalar_t* __restrict dy, const scalar_t* __restrict x,
                                const double* __restrict sums, double* __restrict first, double* __restrict g,
                                int64_t count) const {
-    int32_t fits = 1;
+    BaseRange t_range;
     for (int64_t c = 0; c < count; ++c) {  // vectorizes
+      const float t = static_cast<float>(denominator_(sums[c]));
+      t_range.add(t);
       float p_over_t;
-      const float p = power(static_cast<float>(denominator_(sums[c])), fits, p_over_t);
-      keep_fitting(fits, is_normal(p_over_t));
+      const float p = power(t, p_over_t);
       const double dyd = static_cast<double>(dy[c]);
       first[c] = dyd * static_cast<double>(p);
       g[c] = dyd * static_cast<double>(x[c]) * static_cast<double>(p_over_t);
     }
-    return fits;
+    return power.fits(t_range, true);
   }
 
   // Whether float32 window sums of float32 squares give T to float accuracy whatever the data, once
@@ -286,21 +295,24 @@ class Arithmetic<float> {
   bool with_float_power(const Fn& fn) const {
     switch (float_power_) {
       case FloatPower::kWhole: return fn(whole_power_);
+      case FloatPower::kRoot: return fn(root_power_);
       case FloatPower::kQuarter: return fn(quarter_power_);
       default: return fn(log_exp_power_);
     }
   }
 
-  enum class FloatPower { kWhole, kQuarter, kLogExp };
+  enum class FloatPower { kWhole, kRoot, kQuarter, kLogExp };
 
   Denominator<double> denominator_;
   Denominator<float> float_denominator_;
   FloatPower float_power_;  // chosen once per call
   QuarterPower<false> whole_power_;  // T^-beta, for a whole beta
-  QuarterPower<true> quarter_power_;  // T^-beta, for beta a whole number of quarters
+  RootPower root_power_;              // T^-beta, for beta 0.25, 0.5 or 0.75
+  QuarterPower<true> quarter_power_;  // T^-beta, for other betas of whole quarters
   LogExpPower log_exp_power_;        // T^-beta, for any other beta
   WidePower wide_power_;         // T^-beta
   WidePower wide_power_over_t_;  // T^(-beta-1)
+  double exponent_;              // -beta
   bool float_sums_apply_;
 };
 
