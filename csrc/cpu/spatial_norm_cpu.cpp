@@ -8,6 +8,7 @@
 // nothing overflows or underflows where the exact result does not; float64 is double throughout.
 #include "../spatial_norm.h"
 #include "power.h"
+#include "vectorized.h"
 #include "window_sums.h"
 
 #include <ATen/Dispatch.h>
@@ -20,15 +21,6 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
-
-// The inner loops are plain arithmetic that the compiler vectorizes; build them for AVX2+FMA
-// and AVX-512 as well as the baseline, and pick at load time where the toolchain supports it. `flatten`
-// inlines every helper into each clone, so that the helpers' loops get the clone's target too.
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
-#define SPATIALNORM_VECTORIZED __attribute__((flatten, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SPATIALNORM_VECTORIZED
-#endif
 
 namespace spatialnorm::cpu {
 namespace {

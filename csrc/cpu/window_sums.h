@@ -9,9 +9,10 @@
 // are cut into blocks as tall as the window, so that a window covers the end of one block and the
 // start of the next, and its sum is that block's suffix sum plus the next block's prefix sum,
 // three vectorized additions per element whatever the window's height. Along a row, where a
-// block's prefix sums would be a chain of dependent scalar additions, wider windows are cut into
-// pieces of powers of two, summed from level sums of 2, 4, 8, ... columns: about 2 log2(width)
-// vectorized additions per element, fewer operations than the blocks' at every width.
+// block's prefix sums would be a chain of dependent scalar additions, windows up to 16 wide are
+// summed directly, and wider ones from blocks of 2^B columns (level sums of 2, 4, ... columns, a
+// vectorized pass each) and a piece of a lower level for each low bit of the width: at 31 wide,
+// 3 passes and 9 terms per element.
 //
 // The column sums of the whole band go first, into rows with zero margins, then the row sums:
 // every step down the columns is a vector operation along a row, and the row sums read columns
@@ -20,9 +21,11 @@
 #pragma once
 
 #include "../spatial_norm.h"
+#include "vectorized.h"
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace spatialnorm::cpu {
@@ -43,7 +46,8 @@ class WindowSums {
         rows_(rows),
         cols_(clipped(cols, width)),
         // A row of column sums has the window's reach before and after it as zeros.
-        stride_(width + cols_.span()) {}
+        stride_(width + cols_.span()),
+        level_(cheapest_level(cols_.span())) {}
 
   // The rows of the plane that the windows of rows [row_begin, row_end) reach.
   RowRange rows_reached(int64_t row_begin, int64_t row_end, int64_t height) const {
@@ -53,7 +57,8 @@ class WindowSums {
   // sums[(r - row_begin) * width + x] = the sum of the plane's values over the window around
   // (r, x), for the rows [row_begin, row_end) of a plane `height` rows tall; `values` holds its
   // rows_reached(row_begin, row_end, height), from their first.
-  void run(const sum_t* values, int64_t height, int64_t row_begin, int64_t row_end, sum_t* __restrict sums) {
+  SPATIALNORM_VECTORIZED_APART void run(const sum_t* values, int64_t height, int64_t row_begin, int64_t row_end,
+                                        sum_t* __restrict sums) {
     const int64_t rows = row_end - row_begin;
     // New rows are zeros, and only the columns inside the plane are ever written: the margins stay zero.
     columns_.resize(static_cast<size_t>(rows * stride_));
@@ -72,15 +77,14 @@ class WindowSums {
       case 8: column_sums_directly<8>(plane, reach, row_begin, row_end); break;
       default: column_sums_by_blocks(plane, reach, row_begin, row_end);
     }
-    for (int64_t r = 0; r < rows; ++r) {
-      row_sums(columns_.data() + r * stride_, sums + r * width_);
-    }
+    row_sums(rows, sums);
   }
 
  private:
-  // Up to this span a direct sum (span - 1 vectorized additions per element) costs less than the
-  // block sums and the sums by powers of two.
+  // Up to these spans a direct sum (span - 1 vectorized additions per element) costs less than the
+  // block sums down the columns, and than the level sums along the rows.
   static constexpr int64_t kDirectUpTo = 8;
+  static constexpr int64_t kDirectAlongRowsUpTo = 16;
 
   // The rows [first, last) of a plane's values; the plane's other rows are not needed.
   struct Rows {
@@ -173,67 +177,147 @@ class WindowSums {
     }
   }
 
-  // out[x] = the sum of columns[x .. x + span) for a row of column sums with its margins.
-  void row_sums(const sum_t* columns, sum_t* __restrict out) {
+  // sums[r * width + x] = the sum of columns_[r * stride_ + x + i] over i < span, for the band's
+  // `rows` rows of column sums with their margins.
+  void row_sums(int64_t rows, sum_t* __restrict sums) {
     switch (cols_.span()) {
-      case 1: return row_sums_directly<1>(columns, out);
-      case 2: return row_sums_directly<2>(columns, out);
-      case 3: return row_sums_directly<3>(columns, out);
-      case 4: return row_sums_directly<4>(columns, out);
-      case 5: return row_sums_directly<5>(columns, out);
-      case 6: return row_sums_directly<6>(columns, out);
-      case 7: return row_sums_directly<7>(columns, out);
-      case 8: return row_sums_directly<8>(columns, out);
-      default: return row_sums_by_powers_of_two(columns, out);
+      case 1: return row_sums_directly<1>(rows, sums);
+      case 2: return row_sums_directly<2>(rows, sums);
+      case 3: return row_sums_directly<3>(rows, sums);
+      case 4: return row_sums_directly<4>(rows, sums);
+      case 5: return row_sums_directly<5>(rows, sums);
+      case 6: return row_sums_directly<6>(rows, sums);
+      case 7: return row_sums_directly<7>(rows, sums);
+      case 8: return row_sums_directly<8>(rows, sums);
+      case 9: return row_sums_directly<9>(rows, sums);
+      case 10: return row_sums_directly<10>(rows, sums);
+      case 11: return row_sums_directly<11>(rows, sums);
+      case 12: return row_sums_directly<12>(rows, sums);
+      case 13: return row_sums_directly<13>(rows, sums);
+      case 14: return row_sums_directly<14>(rows, sums);
+      case 15: return row_sums_directly<15>(rows, sums);
+      case kDirectAlongRowsUpTo: return row_sums_directly<kDirectAlongRowsUpTo>(rows, sums);
+      default: return row_sums_by_levels(rows, sums);
     }
   }
 
   // The span is a template argument, so that the inner loop unrolls.
   template <int64_t kSpan>
-  void row_sums_directly(const sum_t* __restrict columns, sum_t* __restrict out) const {
-    for (int64_t x = 0; x < width_; ++x) {  // vectorizes
-      sum_t sum = columns[x];
-      for (int64_t i = 1; i < kSpan; ++i) {
-        sum += columns[x + i];
+  void row_sums_directly(int64_t rows, sum_t* __restrict sums) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      const sum_t* __restrict columns = columns_.data() + r * stride_;
+      sum_t* __restrict out = sums + r * width_;
+      for (int64_t x = 0; x < width_; ++x) {  // vectorizes
+        sum_t sum = columns[x];
+        for (int64_t i = 1; i < kSpan; ++i) {
+          sum += columns[x + i];
+        }
+        out[x] = sum;
       }
-      out[x] = sum;
     }
   }
 
-  // A window of `span` columns is the concatenation of pieces 2^b long, one for each bit b of
-  // span; the pieces' sums come from the level sums L_b[x] = L_(b-1)[x] + L_(b-1)[x + 2^(b-1)]. Every
-  // step is a vectorized pass along the row, about 2 log2(span) of them, where the blocks' sums
-  // would be a dependent scalar addition per element.
-  void row_sums_by_powers_of_two(const sum_t* columns, sum_t* __restrict out) {
+  // A window of `span` columns, from the level sums L_b[x] = L_(b-1)[x] + L_(b-1)[x + 2^(b-1)]
+  // (L_0 the column sums): span / 2^B blocks of L_B, then a piece of L_b for each bit b < B of
+  // span, summed in one pass (or one per 8 terms). B is chosen once for the span (cheapest_level).
+  // The levels are made for a few rows at a time before they are summed: summing right after
+  // making them would load, at a shift, vectors just stored, and wait for the stores to complete.
+  void row_sums_by_levels(int64_t rows, sum_t* __restrict sums) {
     const int64_t span = cols_.span();
-    for (std::vector<sum_t>& level : levels_) {
-      level.resize(static_cast<size_t>(stride_));
-    }
-    const sum_t* level = columns;  // sums of `piece` consecutive columns, from x
-    int64_t offset = 0;  // where the next piece of the window starts, after x
-    for (int64_t piece = 1; piece <= span; piece *= 2) {
-      if (span & piece) {
-        const sum_t* __restrict terms = level + offset;
-        if (offset == 0) {
-          std::copy(terms, terms + width_, out);
-        } else {
-          for (int64_t x = 0; x < width_; ++x) {  // vectorizes
-            out[x] += terms[x];
+    const int64_t level_rows = kRowsPerLevelPass * stride_;
+    levels_.resize(static_cast<size_t>(level_ * level_rows));
+    for (int64_t first = 0; first < rows; first += kRowsPerLevelPass) {
+      const int64_t count = std::min(kRowsPerLevelPass, rows - first);
+      const sum_t* levels[kMaxLevel + 1];  // L_b of row `first`, the rows a stride_ apart
+      levels[0] = columns_.data() + first * stride_;
+      for (int b = 1; b <= level_; ++b) {
+        const int64_t half = int64_t{1} << (b - 1);
+        sum_t* level = levels_.data() + (b - 1) * level_rows;
+        for (int64_t r = 0; r < count; ++r) {
+          const sum_t* __restrict from = levels[b - 1] + r * stride_;
+          sum_t* __restrict to = level + r * stride_;
+          // Read up to x + span - 2 * half for x < width.
+          for (int64_t x = 0; x < width_ + span - 2 * half; ++x) {  // vectorizes
+            to[x] = from[x] + from[x + half];
           }
         }
-        offset += piece;
+        levels[b] = level;
       }
-      if (2 * piece <= span) {
-        // The next level is read up to x + span - 2 * piece for x < width.
-        sum_t* __restrict next = level == levels_[0].data() ? levels_[1].data() : levels_[0].data();
-        const sum_t* __restrict from = level;
-        for (int64_t x = 0; x < width_ + span - 2 * piece; ++x) {  // vectorizes
-          next[x] = from[x] + from[x + piece];
+      for (int64_t r = 0; r < count; ++r) {
+        const sum_t* terms[kMaxTerms];
+        const int terms_used = window_terms(levels, r * stride_, terms);
+        sum_t* out = sums + (first + r) * width_;
+        for (int begin = 0; begin < terms_used; begin += 8) {
+          const bool accumulate = begin > 0;
+          switch (std::min(8, terms_used - begin)) {
+            case 1: add_rows<1>(terms + begin, accumulate, out); break;
+            case 2: add_rows<2>(terms + begin, accumulate, out); break;
+            case 3: add_rows<3>(terms + begin, accumulate, out); break;
+            case 4: add_rows<4>(terms + begin, accumulate, out); break;
+            case 5: add_rows<5>(terms + begin, accumulate, out); break;
+            case 6: add_rows<6>(terms + begin, accumulate, out); break;
+            case 7: add_rows<7>(terms + begin, accumulate, out); break;
+            default: add_rows<8>(terms + begin, accumulate, out);
+          }
         }
-        level = next;
       }
     }
   }
+
+  // The rows (at `row` in each level) whose sum is the window's, from x: L_B's blocks, then the
+  // lower levels' pieces. Returns how many.
+  int window_terms(const sum_t* const* levels, int64_t row, const sum_t** terms) const {
+    const int64_t span = cols_.span();
+    int used = 0;
+    int64_t offset = 0;
+    for (; offset + (int64_t{1} << level_) <= span; offset += int64_t{1} << level_) {
+      terms[used++] = levels[level_] + row + offset;
+    }
+    for (int b = level_ - 1; b >= 0; --b) {
+      if (span >> b & 1) {
+        terms[used++] = levels[b] + row + offset;
+        offset += int64_t{1} << b;
+      }
+    }
+    return used;
+  }
+
+  // out[x] = the sum of rows[i][x] over i < kCount, plus out[x] where `accumulate`.
+  template <int kCount>
+  void add_rows(const sum_t* const* rows, bool accumulate, sum_t* __restrict out) const {
+    const sum_t* terms[kCount];
+    std::copy(rows, rows + kCount, terms);
+    for (int64_t x = 0; x < width_; ++x) {  // vectorizes
+      sum_t sum = terms[0][x];
+      for (int i = 1; i < kCount; ++i) {
+        sum += terms[i][x];
+      }
+      out[x] = accumulate ? out[x] + sum : sum;
+    }
+  }
+
+  // The level B whose blocks a window sums: each level costs a pass about as dear as six terms of
+  // the window's sum (measured on x86-64 with AVX-512; the window's terms are at most kMaxTerms).
+  static int cheapest_level(int64_t span) {
+    int best = 0;
+    int64_t best_cost = std::numeric_limits<int64_t>::max();
+    for (int b = 0; b <= kMaxLevel && (int64_t{1} << b) <= span; ++b) {
+      int64_t terms = span >> b;
+      for (int64_t low_bits = span & ((int64_t{1} << b) - 1); low_bits != 0; low_bits &= low_bits - 1) {
+        ++terms;
+      }
+      const int64_t cost = 6 * b + terms + 2 * ((terms + 7) / 8);
+      if (terms <= kMaxTerms && cost <= best_cost) {
+        best = b;
+        best_cost = cost;
+      }
+    }
+    return best;
+  }
+
+  static constexpr int kMaxLevel = 62;
+  static constexpr int kMaxTerms = 64;
+  static constexpr int64_t kRowsPerLevelPass = 8;
 
   int64_t width_;
   WindowExtent rows_;
@@ -243,7 +327,8 @@ class WindowSums {
   std::vector<sum_t> zeros_;  // a row outside the plane
   std::vector<sum_t> block_suffixes_;
   std::vector<sum_t> block_prefix_;
-  std::vector<sum_t> levels_[2];  // of a row of column sums, by powers of two
+  int level_;                  // B, of the level sums along the rows (row_sums_by_levels)
+  std::vector<sum_t> levels_;  // L_1 .. L_B of kRowsPerLevelPass rows of column sums
 };
 
 }  // namespace spatialnorm::cpu
