@@ -101,7 +101,8 @@ struct Denominator {
 
 // dX = dY * T^-beta - gradient_scale * X * (mirrored window sum of G), from double sums.
 template <typename scalar_t>
-SPATIALNORM_VECTORIZED_APART bool gradient_output(double gradient_scale, const scalar_t* __restrict x, const double* __restrict first,
+SPATIALNORM_VECTORIZED_APART
+bool gradient_output(double gradient_scale, const scalar_t* __restrict x, const double* __restrict first,
                      const double* __restrict g_sums, scalar_t* __restrict dx, int64_t count) {
   // Vectorized, but for bfloat16 on aarch64, where clang's cost model keeps the conversion scalar.
   for (int64_t c = 0; c < count; ++c) {
@@ -115,7 +116,8 @@ SPATIALNORM_VECTORIZED_APART bool gradient_output(double gradient_scale, const s
 // Likewise from float32 sums, in float32; false where a product may have left float's normal
 // range (but for exact zeros), by the ranges of its factors.
 template <typename scalar_t>
-SPATIALNORM_VECTORIZED_APART bool gradient_output(float gradient_scale, const scalar_t* __restrict x, const float* __restrict first,
+SPATIALNORM_VECTORIZED_APART
+bool gradient_output(float gradient_scale, const scalar_t* __restrict x, const float* __restrict first,
                      const float* __restrict g_sums, scalar_t* __restrict dx, int64_t count) {
   MagnitudeRange x_range, g_range;
   for (int64_t c = 0; c < count; ++c) {  // vectorizes
@@ -168,7 +170,8 @@ class Arithmetic<float> {
   bool float_sums_apply() const { return float_sums_apply_; }
 
   template <typename scalar_t>
-  SPATIALNORM_VECTORIZED_APART bool forward(const scalar_t* __restrict x, const double* __restrict sums, scalar_t* __restrict y,
+  SPATIALNORM_VECTORIZED_APART
+  bool forward(const scalar_t* __restrict x, const double* __restrict sums, scalar_t* __restrict y,
                int64_t count) const {
     const bool fits = with_float_power([&](const auto& power) { return forward_in_float(power, x, sums, y, count); });
     if (!fits) {
@@ -180,7 +183,8 @@ class Arithmetic<float> {
   }
 
   template <typename scalar_t>
-  SPATIALNORM_VECTORIZED_APART bool forward(const scalar_t* __restrict x, const float* __restrict sums, scalar_t* __restrict y,
+  SPATIALNORM_VECTORIZED_APART
+  bool forward(const scalar_t* __restrict x, const float* __restrict sums, scalar_t* __restrict y,
                int64_t count) const {
     return with_float_power([&](const auto& power) {
       BaseRange t_range;
@@ -194,7 +198,8 @@ class Arithmetic<float> {
   }
 
   template <typename scalar_t>
-  SPATIALNORM_VECTORIZED_APART bool gradient_terms(const scalar_t* __restrict dy, const scalar_t* __restrict x, const double* __restrict sums,
+  SPATIALNORM_VECTORIZED_APART
+  bool gradient_terms(const scalar_t* __restrict dy, const scalar_t* __restrict x, const double* __restrict sums,
                       double* __restrict first, double* __restrict g, int64_t count) const {
     const bool fits = with_float_power(
         [&](const auto& power) { return gradient_terms_in_float(power, dy, x, sums, first, g, count); });
@@ -212,7 +217,8 @@ class Arithmetic<float> {
   // Also checks that no dY * T^-beta overflowed and that no product in G left float's normal range
   // but for exact zeros: by the ranges of the factors, a bound on every product.
   template <typename scalar_t>
-  SPATIALNORM_VECTORIZED_APART bool gradient_terms(const scalar_t* __restrict dy, const scalar_t* __restrict x, const float* __restrict sums,
+  SPATIALNORM_VECTORIZED_APART
+  bool gradient_terms(const scalar_t* __restrict dy, const scalar_t* __restrict x, const float* __restrict sums,
                       float* __restrict first, float* __restrict g, int64_t count) const {
     return with_float_power([&](const auto& power) {
       BaseRange t_range;
@@ -340,7 +346,8 @@ class Arithmetic<double> {
 
 // X^2 in sum_t, what the forward windows sum, for the rows [first, last) of a plane.
 template <typename sum_t, typename scalar_t>
-SPATIALNORM_VECTORIZED_APART void squares(const scalar_t* plane, RowRange rows, int64_t width, std::vector<sum_t>& out) {
+SPATIALNORM_VECTORIZED_APART
+void squares(const scalar_t* plane, RowRange rows, int64_t width, std::vector<sum_t>& out) {
   const int64_t count = (rows.last - rows.first) * width;
   out.resize(static_cast<size_t>(count));
   const scalar_t* __restrict x = plane + rows.first * width;

@@ -57,8 +57,8 @@ class WindowSums {
   // sums[(r - row_begin) * width + x] = the sum of the plane's values over the window around
   // (r, x), for the rows [row_begin, row_end) of a plane `height` rows tall; `values` holds its
   // rows_reached(row_begin, row_end, height), from their first.
-  SPATIALNORM_VECTORIZED_APART void run(const sum_t* values, int64_t height, int64_t row_begin, int64_t row_end,
-                                        sum_t* __restrict sums) {
+  SPATIALNORM_VECTORIZED_APART
+  void run(const sum_t* values, int64_t height, int64_t row_begin, int64_t row_end, sum_t* __restrict sums) {
     const int64_t rows = row_end - row_begin;
     // New rows are zeros, and only the columns inside the plane are ever written: the margins stay zero.
     columns_.resize(static_cast<size_t>(rows * stride_));
