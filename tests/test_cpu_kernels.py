@@ -34,6 +34,19 @@ def test_matches_reference_lower_precision(dtype, kernel, settings, generator):
     check_both_ways(x, dy, kernel, settings, dtype)
 
 
+@pytest.mark.parametrize("width", [1, 15, 16, 17, 33, 70])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_windows_wider_than_16_along_rows(dtype, width, generator):
+    """Such windows are summed along rows in transposed tiles of 16 rows (8 in double): planes whose
+    rows and columns fill no whole tile, windows wider than the plane, even widths (whose mirror
+    window differs)."""
+    shape = (1, 2, 37, width)
+    x = random_image(shape, 2.0, generator).to(dtype).double()
+    dy = random_image(shape, 1.0, generator).to(dtype).double()
+    for kernel in [(17, 1), (18, 3), (31, 2), (64, 5)]:
+        check_both_ways(x, dy, kernel, SETTINGS[1], dtype)
+
+
 @pytest.mark.parametrize("kernel", [(5, 5), (64, 64), (17, 64)])
 def test_float32_accuracy_bar_large_images_and_values(kernel, generator):
     """The accuracy bar: float32 within 2e-5 of float64 for 300x300 images, values up to ±1e3."""

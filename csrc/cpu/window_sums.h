@@ -5,14 +5,14 @@
 // would depend on data far outside its window. Here every sum is made only of terms inside its
 // window, so that each output's rounding error is bounded by its own window's magnitude, and NaN
 // and infinities stay inside the windows that hold them, as in a direct sum. Small windows are
-// summed directly. Down the columns, wider ones go by blocks (van Herk / Gil-Werman): the rows
-// are cut into blocks as tall as the window, so that a window covers the end of one block and the
-// start of the next, and its sum is that block's suffix sum plus the next block's prefix sum,
-// three vectorized additions per element whatever the window's height. Along a row, where a
-// block's prefix sums would be a chain of dependent scalar additions, windows up to 16 wide are
-// summed directly, and wider ones from blocks of 2^B columns (level sums of 2, 4, ... columns, a
-// vectorized pass each) and a piece of a lower level for each low bit of the width: at 31 wide,
-// 3 passes and 9 terms per element.
+// summed directly; wider ones go by blocks (van Herk / Gil-Werman): the lines are cut into blocks
+// as long as the window, so that a window covers the end of one block and the start of the next,
+// and its sum is that block's suffix sum plus the next block's prefix sum, three vectorized
+// additions per element whatever the window's size. Down the columns every step of a block is a
+// vector operation along a row. Along the rows, where a block's sums would be a chain of
+// dependent scalar additions, the band's rows are transposed in square tiles of one vector per
+// row (transpose.h) first and back after: every step along a row is then one vector operation
+// on a whole group of rows.
 //
 // The column sums of the whole band go first, into rows with zero margins, then the row sums:
 // every step down the columns is a vector operation along a row, and the row sums read columns
@@ -21,6 +21,7 @@
 #pragma once
 
 #include "../spatial_norm.h"
+#include "transpose.h"
 #include "vectorized.h"
 
 #include <algorithm>
@@ -46,8 +47,7 @@ class WindowSums {
         rows_(rows),
         cols_(clipped(cols, width)),
         // A row of column sums has the window's reach before and after it as zeros.
-        stride_(width + cols_.span()),
-        level_(cheapest_level(cols_.span())) {}
+        stride_(rounded_up(width + cols_.span() - 1, kWidestTile)) {}
 
   // The rows of the plane that the windows of rows [row_begin, row_end) reach.
   RowRange rows_reached(int64_t row_begin, int64_t row_end, int64_t height) const {
@@ -61,7 +61,8 @@ class WindowSums {
   void run(const sum_t* values, int64_t height, int64_t row_begin, int64_t row_end, sum_t* __restrict sums) {
     const int64_t rows = row_end - row_begin;
     // New rows are zeros, and only the columns inside the plane are ever written: the margins stay zero.
-    columns_.resize(static_cast<size_t>(rows * stride_));
+    // Rows up to a whole number of tiles: the row sums transpose whole tiles.
+    columns_.resize(static_cast<size_t>(rounded_up(rows, kWidestTile) * stride_));
     const RowRange reached = rows_reached(row_begin, row_end, height);
     const Rows plane{values, reached.first, reached.last, width_};
     // Clipped to the plane, the window's rows stay as they are and its span bounds the blocks.
@@ -82,7 +83,7 @@ class WindowSums {
 
  private:
   // Up to these spans a direct sum (span - 1 vectorized additions per element) costs less than the
-  // block sums down the columns, and than the level sums along the rows.
+  // block sums down the columns, and than the transposed block sums along the rows.
   static constexpr int64_t kDirectUpTo = 8;
   static constexpr int64_t kDirectAlongRowsUpTo = 16;
 
@@ -197,7 +198,7 @@ class WindowSums {
       case 14: return row_sums_directly<14>(rows, sums);
       case 15: return row_sums_directly<15>(rows, sums);
       case kDirectAlongRowsUpTo: return row_sums_directly<kDirectAlongRowsUpTo>(rows, sums);
-      default: return row_sums_by_levels(rows, sums);
+      default: return row_sums_by_blocks(rows, sums);
     }
   }
 
@@ -217,107 +218,67 @@ class WindowSums {
     }
   }
 
-  // A window of `span` columns, from the level sums L_b[x] = L_(b-1)[x] + L_(b-1)[x + 2^(b-1)]
-  // (L_0 the column sums): span / 2^B blocks of L_B, then a piece of L_b for each bit b < B of
-  // span, summed in one pass (or one per 8 terms). B is chosen once for the span (cheapest_level).
-  // The levels are made for a few rows at a time before they are summed: summing right after
-  // making them would load, at a shift, vectors just stored, and wait for the stores to complete.
-  void row_sums_by_levels(int64_t rows, sum_t* __restrict sums) {
+  // Along the rows, the band goes in groups of rows transposed in tiles, so that a step along
+  // the rows is one vector operation on the whole group: then by blocks as wide as the window,
+  // as down the columns. A window that starts on a block's first column is that block; any
+  // other, the block's suffix from its start plus the next block's prefix.
+  void row_sums_by_blocks(int64_t rows, sum_t* __restrict sums) {
+    with_vector_bytes([&](auto bytes) { row_sums_in_tiles<Tile<sum_t, decltype(bytes)::value>>(rows, sums); });
+  }
+
+  template <typename Tile>
+  void row_sums_in_tiles(int64_t rows, sum_t* __restrict sums) {
+    using Vector = typename Tile::Vector;
+    constexpr int64_t n = Tile::kSize;
     const int64_t span = cols_.span();
-    const int64_t level_rows = kRowsPerLevelPass * stride_;
-    levels_.resize(static_cast<size_t>(level_ * level_rows));
-    for (int64_t first = 0; first < rows; first += kRowsPerLevelPass) {
-      const int64_t count = std::min(kRowsPerLevelPass, rows - first);
-      const sum_t* levels[kMaxLevel + 1];  // L_b of row `first`, the rows a stride_ apart
-      levels[0] = columns_.data() + first * stride_;
-      for (int b = 1; b <= level_; ++b) {
-        const int64_t half = int64_t{1} << (b - 1);
-        sum_t* level = levels_.data() + (b - 1) * level_rows;
-        for (int64_t r = 0; r < count; ++r) {
-          const sum_t* __restrict from = levels[b - 1] + r * stride_;
-          sum_t* __restrict to = level + r * stride_;
-          // Read up to x + span - 2 * half for x < width.
-          for (int64_t x = 0; x < width_ + span - 2 * half; ++x) {  // vectorizes
-            to[x] = from[x] + from[x + half];
-          }
-        }
-        levels[b] = level;
+    // The tiles that hold the plane's columns; the margins' other columns stay zeros.
+    const int64_t first_tile = cols_.before / n * n;
+    const int64_t tiles_end = cols_.before + width_;
+    transposed_.resize(static_cast<size_t>(stride_ * n));
+    block_sums_.resize(static_cast<size_t>(width_ * n));
+    sum_t* __restrict t = transposed_.data();
+    sum_t* __restrict s = block_sums_.data();
+    for (int64_t group = 0; group < rows; group += n) {
+      for (int64_t column = first_tile; column < tiles_end; column += n) {
+        transpose_tile<Tile>(columns_.data() + group * stride_ + column, stride_, t + column * n, n);
       }
-      for (int64_t r = 0; r < count; ++r) {
-        const sum_t* terms[kMaxTerms];
-        const int terms_used = window_terms(levels, r * stride_, terms);
-        sum_t* out = sums + (first + r) * width_;
-        for (int begin = 0; begin < terms_used; begin += 8) {
-          const bool accumulate = begin > 0;
-          switch (std::min(8, terms_used - begin)) {
-            case 1: add_rows<1>(terms + begin, accumulate, out); break;
-            case 2: add_rows<2>(terms + begin, accumulate, out); break;
-            case 3: add_rows<3>(terms + begin, accumulate, out); break;
-            case 4: add_rows<4>(terms + begin, accumulate, out); break;
-            case 5: add_rows<5>(terms + begin, accumulate, out); break;
-            case 6: add_rows<6>(terms + begin, accumulate, out); break;
-            case 7: add_rows<7>(terms + begin, accumulate, out); break;
-            default: add_rows<8>(terms + begin, accumulate, out);
-          }
+      for (int64_t block = 0; block < width_; block += span) {
+        const int64_t end = std::min(block + span, width_);
+        Vector suffix{};
+        for (int64_t x = block + span - 1; x >= end; --x) {
+          suffix += Tile::load(t + x * n);
+        }
+        for (int64_t x = end - 1; x >= block; --x) {
+          suffix += Tile::load(t + x * n);
+          Tile::store(s + x * n, suffix);
+        }
+        Vector prefix{};
+        for (int64_t x = block + 1; x < end; ++x) {
+          prefix += Tile::load(t + (x + span - 1) * n);
+          Tile::store(s + x * n, Tile::load(s + x * n) + prefix);
         }
       }
+      const int64_t group_rows = std::min(n, rows - group);
+      for (int64_t x = 0; x < width_; x += n) {
+        sum_t* out = sums + group * width_ + x;
+        const int64_t columns = std::min(n, width_ - x);
+        if (group_rows == n && columns == n) {
+          transpose_tile<Tile>(s + x * n, n, out, width_);
+          continue;
+        }
+        sum_t tile[n * n];
+        transpose_tile<Tile>(s + x * n, n, tile, n);
+        for (int64_t r = 0; r < group_rows; ++r) {
+          std::copy(tile + r * n, tile + r * n + columns, out + r * width_);
+        }
+      }
     }
   }
 
-  // The rows (at `row` in each level) whose sum is the window's, from x: L_B's blocks, then the
-  // lower levels' pieces. Returns how many.
-  int window_terms(const sum_t* const* levels, int64_t row, const sum_t** terms) const {
-    const int64_t span = cols_.span();
-    int used = 0;
-    int64_t offset = 0;
-    for (; offset + (int64_t{1} << level_) <= span; offset += int64_t{1} << level_) {
-      terms[used++] = levels[level_] + row + offset;
-    }
-    for (int b = level_ - 1; b >= 0; --b) {
-      if (span >> b & 1) {
-        terms[used++] = levels[b] + row + offset;
-        offset += int64_t{1} << b;
-      }
-    }
-    return used;
-  }
+  // Whole tiles of the widest vectors (64 bytes) fit any narrower ones.
+  static constexpr int64_t kWidestTile = Tile<sum_t, 64>::kSize;
 
-  // out[x] = the sum of rows[i][x] over i < kCount, plus out[x] where `accumulate`.
-  template <int kCount>
-  void add_rows(const sum_t* const* rows, bool accumulate, sum_t* __restrict out) const {
-    const sum_t* terms[kCount];
-    std::copy(rows, rows + kCount, terms);
-    for (int64_t x = 0; x < width_; ++x) {  // vectorizes
-      sum_t sum = terms[0][x];
-      for (int i = 1; i < kCount; ++i) {
-        sum += terms[i][x];
-      }
-      out[x] = accumulate ? out[x] + sum : sum;
-    }
-  }
-
-  // The level B whose blocks a window sums: each level costs a pass about as dear as six terms of
-  // the window's sum (measured on x86-64 with AVX-512; the window's terms are at most kMaxTerms).
-  static int cheapest_level(int64_t span) {
-    int best = 0;
-    int64_t best_cost = std::numeric_limits<int64_t>::max();
-    for (int b = 0; b <= kMaxLevel && (int64_t{1} << b) <= span; ++b) {
-      int64_t terms = span >> b;
-      for (int64_t low_bits = span & ((int64_t{1} << b) - 1); low_bits != 0; low_bits &= low_bits - 1) {
-        ++terms;
-      }
-      const int64_t cost = 6 * b + terms + 2 * ((terms + 7) / 8);
-      if (terms <= kMaxTerms && cost <= best_cost) {
-        best = b;
-        best_cost = cost;
-      }
-    }
-    return best;
-  }
-
-  static constexpr int kMaxLevel = 62;
-  static constexpr int kMaxTerms = 64;
-  static constexpr int64_t kRowsPerLevelPass = 8;
+  static int64_t rounded_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
 
   int64_t width_;
   WindowExtent rows_;
@@ -327,8 +288,8 @@ class WindowSums {
   std::vector<sum_t> zeros_;  // a row outside the plane
   std::vector<sum_t> block_suffixes_;
   std::vector<sum_t> block_prefix_;
-  int level_;                  // B, of the level sums along the rows (row_sums_by_levels)
-  std::vector<sum_t> levels_;  // L_1 .. L_B of kRowsPerLevelPass rows of column sums
+  std::vector<sum_t> transposed_;  // a group of rows of column sums, transposed
+  std::vector<sum_t> block_sums_;  // its row sums, transposed
 };
 
 }  // namespace spatialnorm::cpu

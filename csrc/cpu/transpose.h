@@ -1,0 +1,70 @@
+// Square tiles transposed in registers: Tile<T, kBytes> is kSize rows of one vector of kBytes.
+//
+// The window sums along a band's rows transpose its rows in tiles (window_sums.h), so that every
+// step along a row becomes one vector operation on kSize rows at once.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <tuple>
+#include <utility>
+
+namespace spatialnorm::cpu {
+
+template <typename T, int kBytes>
+struct Tile {
+  static constexpr int kSize = kBytes / sizeof(T);
+  typedef T Vector __attribute__((vector_size(kBytes)));
+
+  static Vector load(const T* from) {
+    Vector v;
+    std::memcpy(&v, from, sizeof(v));
+    return v;
+  }
+
+  static void store(T* to, Vector v) { std::memcpy(to, &v, sizeof(v)); }
+};
+
+namespace detail {
+
+// Lane p of the first result is a[p] where bit `kBit` of p is clear, else b[p - kBit]; of the
+// second, a[p + kBit] where it is clear, else b[p]: the off-diagonal blocks of kBit x kBit
+// values of the two rows swapped.
+template <int kBit, typename Vector, size_t... kLane>
+inline std::pair<Vector, Vector> swap_blocks(Vector a, Vector b, std::index_sequence<kLane...>) {
+  constexpr int n = sizeof...(kLane);
+  return {__builtin_shufflevector(a, b, ((kLane & kBit) == 0 ? kLane : n + kLane - kBit)...),
+          __builtin_shufflevector(a, b, ((kLane & kBit) == 0 ? kLane + kBit : n + kLane)...)};
+}
+
+// Rows i and i + kBit swap their off-diagonal blocks, for every i with bit kBit clear; done for
+// kBit = n/2, n/4, ..., 1 this transposes the n x n tile.
+template <int kBit, typename Vector, int n>
+inline void swap_blocks_of_rows(Vector (&rows)[n]) {
+  for (int i = 0; i < n; ++i) {
+    if ((i & kBit) == 0) {
+      std::tie(rows[i], rows[i + kBit]) = swap_blocks<kBit>(rows[i], rows[i + kBit], std::make_index_sequence<n>());
+    }
+  }
+  if constexpr (kBit > 1) {
+    swap_blocks_of_rows<kBit / 2>(rows);
+  }
+}
+
+}  // namespace detail
+
+// to[i * to_stride + j] = from[j * from_stride + i] for i, j < Tile::kSize.
+template <typename Tile, typename T>
+inline void transpose_tile(const T* from, int64_t from_stride, T* to, int64_t to_stride) {
+  constexpr int n = Tile::kSize;
+  typename Tile::Vector rows[n];
+  for (int j = 0; j < n; ++j) {
+    rows[j] = Tile::load(from + j * from_stride);
+  }
+  detail::swap_blocks_of_rows<n / 2>(rows);
+  for (int i = 0; i < n; ++i) {
+    Tile::store(to + i * to_stride, rows[i]);
+  }
+}
+
+}  // namespace spatialnorm::cpu
