@@ -5,8 +5,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
-#include <tuple>
 #include <utility>
 
 namespace spatialnorm::cpu {
@@ -15,26 +13,25 @@ template <typename T, int kBytes>
 struct Tile {
   static constexpr int kSize = kBytes / sizeof(T);
   typedef T Vector __attribute__((vector_size(kBytes)));
+  // A vector in memory at any T's address, which may alias the T's there.
+  typedef T Stored __attribute__((vector_size(kBytes), aligned(sizeof(T)), may_alias));
 
-  static Vector load(const T* from) {
-    Vector v;
-    std::memcpy(&v, from, sizeof(v));
-    return v;
-  }
-
-  static void store(T* to, Vector v) { std::memcpy(to, &v, sizeof(v)); }
+  static Stored& at(T* p) { return *reinterpret_cast<Stored*>(p); }
+  static const Stored& at(const T* p) { return *reinterpret_cast<const Stored*>(p); }
 };
 
 namespace detail {
 
-// Lane p of the first result is a[p] where bit `kBit` of p is clear, else b[p - kBit]; of the
-// second, a[p + kBit] where it is clear, else b[p]: the off-diagonal blocks of kBit x kBit
-// values of the two rows swapped.
+// Lane p of a becomes a[p] where bit `kBit` of p is clear, else b[p - kBit]; of b, a[p + kBit]
+// where it is clear, else b[p]: the off-diagonal blocks of kBit x kBit values of the two rows
+// swapped. (Vectors go by reference: GCC warns that passing ones wider than the baseline's
+// registers by value differs between targets.)
 template <int kBit, typename Vector, size_t... kLane>
-inline std::pair<Vector, Vector> swap_blocks(Vector a, Vector b, std::index_sequence<kLane...>) {
+inline void swap_blocks(Vector& a, Vector& b, std::index_sequence<kLane...>) {
   constexpr int n = sizeof...(kLane);
-  return {__builtin_shufflevector(a, b, ((kLane & kBit) == 0 ? kLane : n + kLane - kBit)...),
-          __builtin_shufflevector(a, b, ((kLane & kBit) == 0 ? kLane + kBit : n + kLane)...)};
+  const Vector low = __builtin_shufflevector(a, b, ((kLane & kBit) == 0 ? kLane : n + kLane - kBit)...);
+  b = __builtin_shufflevector(a, b, ((kLane & kBit) == 0 ? kLane + kBit : n + kLane)...);
+  a = low;
 }
 
 // Rows i and i + kBit swap their off-diagonal blocks, for every i with bit kBit clear; done for
@@ -43,7 +40,7 @@ template <int kBit, typename Vector, int n>
 inline void swap_blocks_of_rows(Vector (&rows)[n]) {
   for (int i = 0; i < n; ++i) {
     if ((i & kBit) == 0) {
-      std::tie(rows[i], rows[i + kBit]) = swap_blocks<kBit>(rows[i], rows[i + kBit], std::make_index_sequence<n>());
+      swap_blocks<kBit>(rows[i], rows[i + kBit], std::make_index_sequence<n>());
     }
   }
   if constexpr (kBit > 1) {
@@ -59,12 +56,13 @@ inline void transpose_tile(const T* from, int64_t from_stride, T* to, int64_t to
   constexpr int n = Tile::kSize;
   typename Tile::Vector rows[n];
   for (int j = 0; j < n; ++j) {
-    rows[j] = Tile::load(from + j * from_stride);
+    rows[j] = Tile::at(from + j * from_stride);
   }
   detail::swap_blocks_of_rows<n / 2>(rows);
   for (int i = 0; i < n; ++i) {
-    Tile::store(to + i * to_stride, rows[i]);
+    Tile::at(to + i * to_stride) = rows[i];
   }
 }
 
 }  // namespace spatialnorm::cpu
+

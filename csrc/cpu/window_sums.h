@@ -246,16 +246,16 @@ class WindowSums {
         const int64_t end = std::min(block + span, width_);
         Vector suffix{};
         for (int64_t x = block + span - 1; x >= end; --x) {
-          suffix += Tile::load(t + x * n);
+          suffix += Tile::at(t + x * n);
         }
         for (int64_t x = end - 1; x >= block; --x) {
-          suffix += Tile::load(t + x * n);
-          Tile::store(s + x * n, suffix);
+          suffix += Tile::at(t + x * n);
+          Tile::at(s + x * n) = suffix;
         }
         Vector prefix{};
         for (int64_t x = block + 1; x < end; ++x) {
-          prefix += Tile::load(t + (x + span - 1) * n);
-          Tile::store(s + x * n, Tile::load(s + x * n) + prefix);
+          prefix += Tile::at(t + (x + span - 1) * n);
+          Tile::at(s + x * n) += prefix;
         }
       }
       const int64_t group_rows = std::min(n, rows - group);
