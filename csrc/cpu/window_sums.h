@@ -26,7 +26,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <vector>
 
 namespace spatialnorm::cpu {
@@ -46,7 +45,7 @@ class WindowSums {
       : width_(width),
         rows_(rows),
         cols_(clipped(cols, width)),
-        // A row of column sums has the window's reach before and after it as zeros.
+        // A row of column sums has the window's reach before and after it as zeros, and whole tiles.
         stride_(rounded_up(width + cols_.span() - 1, kWidestTile)) {}
 
   // The rows of the plane that the windows of rows [row_begin, row_end) reach.
@@ -60,8 +59,8 @@ class WindowSums {
   SPATIALNORM_VECTORIZED_APART
   void run(const sum_t* values, int64_t height, int64_t row_begin, int64_t row_end, sum_t* __restrict sums) {
     const int64_t rows = row_end - row_begin;
-    // New rows are zeros, and only the columns inside the plane are ever written: the margins stay zero.
-    // Rows up to a whole number of tiles: the row sums transpose whole tiles.
+    // New rows are zeros, and only the columns inside the plane are ever written: the margins stay
+    // zero. The rows go up to a whole number of tiles, which the row sums transpose whole.
     columns_.resize(static_cast<size_t>(rounded_up(rows, kWidestTile) * stride_));
     const RowRange reached = rows_reached(row_begin, row_end, height);
     const Rows plane{values, reached.first, reached.last, width_};
