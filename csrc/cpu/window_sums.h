@@ -5,18 +5,18 @@
 // would depend on data far outside its window. Here every sum is made only of terms inside its
 // window, so that each output's rounding error is bounded by its own window's magnitude, and NaN
 // and infinities stay inside the windows that hold them, as in a direct sum. Small windows are
-// summed directly; wider ones go by blocks (van Herk / Gil-Werman): the lines are cut into blocks
-// as long as the window, so that a window covers the end of one block and the start of the next,
-// and its sum is that block's suffix sum plus the next block's prefix sum, three vectorized
-// additions per element whatever the window's size. Down the columns every step of a block is a
-// vector operation along a row. Along the rows, where a block's sums would be a chain of
-// dependent scalar additions, the band's rows are transposed in square tiles of one vector per
-// row (transpose.h) first and back after: every step along a row is then one vector operation
-// on a whole group of rows.
+// summed directly; wider ones go by blocks (van Herk / Gil-Werman): the lines are cut into
+// blocks as long as the window, so that a window covers the end of one block and the start of
+// the next, and its sum is that block's suffix sum plus the next block's prefix sum, three
+// vectorized additions per element whatever the window's size. Down the columns a vector of
+// columns goes through a whole block at a time, its running sums in registers. Along the rows,
+// where a block's sums would be a chain of dependent scalar additions, the band's rows are
+// transposed in square tiles of one vector per row (transpose.h) first and back after: every
+// step along a row is then one vector operation on a whole group of rows.
 //
-// The column sums of the whole band go first, into rows with zero margins, then the row sums:
-// every step down the columns is a vector operation along a row, and the row sums read columns
-// written long before (reading a vector just stored, shifted by an element, stalls the load).
+// The column sums of the whole band go first, into rows with zero margins, then the row sums,
+// which read columns written long before (reading a vector just stored, shifted by an element,
+// stalls the load).
 // The sums are kept in sum_t: double, or float where the caller checks that float suffices.
 #pragma once
 
@@ -123,56 +123,52 @@ class WindowSums {
 
   // Window starts (their top rows) are grouped in blocks of `span`, from the first output's: the
   // block's suffix sums from each start, plus a prefix of the next rows, grown one row per output.
+  // A vector of columns at a time goes through a whole block, its running sums in registers.
   void column_sums_by_blocks(const Rows& plane, WindowExtent reach, int64_t row_begin, int64_t row_end) {
+    with_vector_bytes([&](auto bytes) { column_sums_by_blocks<decltype(bytes)::value>(plane, reach, row_begin, row_end); });
+  }
+
+  // Vectors of kBytes, or narrower ones where the plane is narrower than that.
+  template <int kBytes>
+  void column_sums_by_blocks(const Rows& plane, WindowExtent reach, int64_t row_begin, int64_t row_end) {
+    if constexpr (kBytes > static_cast<int>(sizeof(sum_t))) {
+      if (width_ < Tile<sum_t, kBytes>::kSize) {
+        return column_sums_by_blocks<kBytes / 2>(plane, reach, row_begin, row_end);
+      }
+    }
+    using Tile = Tile<sum_t, kBytes>;
+    using Vector = typename Tile::Vector;
+    constexpr int64_t n = Tile::kSize;
     const int64_t span = reach.span();
-    block_prefix_.resize(static_cast<size_t>(width_));
+    block_suffixes_.resize(static_cast<size_t>(span * n));
+    sum_t* __restrict suffixes = block_suffixes_.data();
     for (int64_t block = row_begin; block < row_end; block += span) {
       const int64_t outputs = std::min(span, row_end - block);
       const int64_t top = block - reach.before;
-      block_suffixes(plane, top, span, outputs);
-      sum_t* __restrict prefix = block_prefix_.data();
-      std::fill(prefix, prefix + width_, 0.0);
-      for (int64_t i = 0; i < outputs; ++i) {
-        const sum_t* __restrict suffix = block_suffixes_.data() + i * width_;
-        sum_t* __restrict out = column_row(block + i - row_begin);
-        const int64_t r = top + span + i - 1;  // the row entering the prefix
-        if (i > 0 && plane.holds(r)) {
-          const sum_t* __restrict terms = plane[r];
-          for (int64_t x = 0; x < width_; ++x) {  // vectorizes
-            prefix[x] += terms[x];
-            out[x] = suffix[x] + prefix[x];
-          }
-        } else {
-          for (int64_t x = 0; x < width_; ++x) {  // vectorizes
-            out[x] = suffix[x] + prefix[x];
-          }
+      // Rows below the last output's start are in every window of the block: one sum for them.
+      const int64_t common_first = std::max(plane.first, top + outputs - 1);
+      const int64_t common_last = std::min(plane.last, top + span);
+      for (int64_t stretch = 0; stretch < width_; stretch += n) {
+        const int64_t x = std::min(stretch, width_ - n);  // the last vector overlaps the one before
+        Vector suffix{};
+        for (int64_t r = common_first; r < common_last; ++r) {
+          suffix += Tile::at(plane[r] + x);
         }
-      }
-    }
-  }
-
-  // block_suffixes_ row i = sum of rows [top + i, top + span) for the first `outputs` i.
-  void block_suffixes(const Rows& plane, int64_t top, int64_t span, int64_t outputs) {
-    block_suffixes_.resize(static_cast<size_t>(outputs * width_));
-    sum_t* __restrict last = block_suffixes_.data() + (outputs - 1) * width_;
-    std::fill(last, last + width_, 0.0);
-    // Rows below the last output's start are all in its window: one sum for them.
-    for (int64_t r = std::max(plane.first, top + outputs - 1); r < std::min(plane.last, top + span); ++r) {
-      const sum_t* __restrict terms = plane[r];
-      for (int64_t x = 0; x < width_; ++x) {  // vectorizes
-        last[x] += terms[x];
-      }
-    }
-    for (int64_t i = outputs - 2; i >= 0; --i) {
-      sum_t* __restrict row = block_suffixes_.data() + i * width_;
-      const sum_t* __restrict below = row + width_;
-      if (!plane.holds(top + i)) {
-        std::copy(below, below + width_, row);
-        continue;
-      }
-      const sum_t* __restrict terms = plane[top + i];
-      for (int64_t x = 0; x < width_; ++x) {  // vectorizes
-        row[x] = below[x] + terms[x];
+        Tile::at(suffixes + (outputs - 1) * n) = suffix;
+        for (int64_t i = outputs - 2; i >= 0; --i) {
+          if (plane.holds(top + i)) {
+            suffix += Tile::at(plane[top + i] + x);
+          }
+          Tile::at(suffixes + i * n) = suffix;
+        }
+        Vector prefix{};
+        for (int64_t i = 0; i < outputs; ++i) {
+          const int64_t r = top + span + i - 1;  // the row entering the prefix
+          if (i > 0 && plane.holds(r)) {
+            prefix += Tile::at(plane[r] + x);
+          }
+          Tile::at(column_row(block + i - row_begin) + x) = Tile::at(suffixes + i * n) + prefix;
+        }
       }
     }
   }
@@ -285,8 +281,7 @@ class WindowSums {
   int64_t stride_;
   std::vector<sum_t> columns_;  // the band's column sums, a row of stride_ per output row
   std::vector<sum_t> zeros_;  // a row outside the plane
-  std::vector<sum_t> block_suffixes_;
-  std::vector<sum_t> block_prefix_;
+  std::vector<sum_t> block_suffixes_;  // a vector of a block's suffix sums per output
   std::vector<sum_t> transposed_;  // a group of rows of column sums, transposed
   std::vector<sum_t> block_sums_;  // its row sums, transposed
 };
