@@ -84,6 +84,26 @@ def test_nan_and_inf_propagate():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kernel", [(31, 20), (18, 33)])
+def test_nan_and_inf_stay_in_their_windows_when_summed_by_blocks(kernel, dtype, generator):
+    """Windows wider than 16 and taller than 8 are summed by blocks: a NaN or an infinity reaches
+    the outputs whose windows hold it, and no other."""
+    x = random_image((1, 2, 45, 70), 2.0, generator)
+    dy = random_image((1, 2, 45, 70), 1.0, generator)
+    x[0, 0, 20, 35] = float("nan")
+    x[0, 1, 3, 60] = float("inf")
+    settings = dict(alpha=1.0, beta=0.75, delta=1.0)
+    y = sn.spatial_normalization(x.to(dtype), *kernel, **settings)
+    dx = sn.spatial_normalization_gradient(dy.to(dtype), x.to(dtype), *kernel, **settings)
+    expected_y = expected_forward(x, *kernel, **settings)
+    expected_dx = expected_gradient(dy, x, *kernel, **settings)
+    for got, expected in ((y, expected_y), (dx, expected_dx)):
+        assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.isinf(), expected.isinf())
+        assert 0 < expected.isfinite().sum() < expected.numel()
+        torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_power_edge_cases(dtype):
     """beta = 0 is the identity; a huge denominator underflows to 0 like the reference."""
     x = torch.randn(2, 3, 10, 10, dtype=dtype) * 1e3
