@@ -1,5 +1,9 @@
 """The CPU kernels against the float64 reference: shapes, kernel sizes, settings and dtypes."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -81,6 +85,17 @@ def test_nan_and_inf_propagate():
     y = sn.spatial_normalization(x.float(), 3)
     expected = expected_forward(x, 3, 3, 1.0, 5.0, 1.0)
     assert torch.equal(torch.isnan(y), torch.isnan(expected))
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_block_sums_with_the_vectors_aten_cpu_capability_allows(capability):
+    """The window sums' explicit vectors are as wide as the registers of the code the CPU runs, at
+    most what ATEN_CPU_CAPABILITY allows (as for ATen's kernels): on a machine with AVX-512, the
+    AVX2 and baseline widths run only this way. The block-sum tests again, in a fresh process."""
+    tests = "every_width or stay_in_their_windows"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests]
+    result = subprocess.run(command, env={**os.environ, "ATEN_CPU_CAPABILITY": capability}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]  # 5 where none ran
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -4,6 +4,10 @@
 // target too.
 #pragma once
 
+#include <ATen/Version.h>
+
+#include <algorithm>
+#include <string>
 #include <type_traits>
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
@@ -21,20 +25,34 @@
 
 namespace spatialnorm::cpu {
 
-// Returns fn(std::integral_constant<int, bytes>()) for the width in bytes of the vector registers
-// of the clone the CPU runs: code written with explicit vectors of that width (transpose.h)
-// compiles to whole registers, where wider ones would be split by the compiler, slowly.
+// The width in bytes of the vector registers of the clone the CPU runs, at most the width that
+// PyTorch's ATEN_CPU_CAPABILITY allows ("avx2": 32, "default": 16), as for ATen's own kernels.
+inline int vector_bytes() {
+#if SPATIALNORM_X86_CLONES
+  static const int bytes = [] {
+    const int supported = __builtin_cpu_supports("x86-64-v4") ? 64 : __builtin_cpu_supports("x86-64-v3") ? 32 : 16;
+    const std::string allowed = at::get_cpu_capability();
+    return std::min(supported, allowed == "AVX512" ? 64 : allowed == "AVX2" ? 32 : 16);
+  }();
+  return bytes;
+#else
+  return 16;  // NEON on arm64
+#endif
+}
+
+// Returns fn(std::integral_constant<int, vector_bytes()>()): code written with explicit vectors of
+// that width (transpose.h) compiles to whole registers, where wider ones would be split by the
+// compiler, slowly.
 template <typename Fn>
 decltype(auto) with_vector_bytes(const Fn& fn) {
 #if SPATIALNORM_X86_CLONES
-  if (__builtin_cpu_supports("x86-64-v4")) {
-    return fn(std::integral_constant<int, 64>());
-  }
-  if (__builtin_cpu_supports("x86-64-v3")) {
-    return fn(std::integral_constant<int, 32>());
+  switch (vector_bytes()) {
+    case 64: return fn(std::integral_constant<int, 64>());
+    case 32: return fn(std::integral_constant<int, 32>());
+    default: break;
   }
 #endif
-  return fn(std::integral_constant<int, 16>());  // SSE2, and NEON on arm64
+  return fn(std::integral_constant<int, 16>());
 }
 
 }  // namespace spatialnorm::cpu
