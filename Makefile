@@ -25,8 +25,8 @@ demo: $(BUILT)
 	$(PY) -m torch_spatialnorm.demo
 
 # The Metal tests syntax-check the kernels with clang 19 (Debian's clang-19 package); the CPU
-# code-generation test compiles the CPU kernels for aarch64 with it, against Debian's aarch64
-# C++ headers (libstdc++-12-dev-arm64-cross).
+# code-generation tests compile the CPU kernels for aarch64 with it, against Debian's aarch64
+# C++ headers (libstdc++-12-dev-arm64-cross), and for x86-64 with it and with GCC 11 (g++-11).
 CLANG := clang++-19
 AARCH64_HEADERS := /usr/aarch64-linux-gnu/include/c++/12
 
@@ -34,11 +34,11 @@ test: $(BUILT) clang
 	$(PY) -m pytest -q tests
 
 clang:
-	@command -v $(CLANG) >/dev/null && test -d $(AARCH64_HEADERS) || { command -v apt-get >/dev/null && \
-		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-19 \
-		libstdc++-12-dev-arm64-cross >/dev/null); } || \
-		{ echo "make test needs $(CLANG) and aarch64 C++ headers: install Debian's clang-19 and" \
-		"libstdc++-12-dev-arm64-cross packages" >&2; exit 1; }
+	@command -v $(CLANG) >/dev/null && test -d $(AARCH64_HEADERS) && command -v g++-11 >/dev/null || \
+		{ command -v apt-get >/dev/null && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq clang-19 libstdc++-12-dev-arm64-cross g++-11 >/dev/null); } || \
+		{ echo "make test needs $(CLANG), aarch64 C++ headers and g++-11: install Debian's clang-19," \
+		"libstdc++-12-dev-arm64-cross and g++-11 packages" >&2; exit 1; }
 
 bench: $(BUILT)
 	$(PY) benchmarks/bench.py --device cpu --shapes typical

@@ -1,4 +1,5 @@
-"""How the CPU kernels are built where no machine here runs them: Apple silicon (arm64, clang).
+"""How the CPU kernels are built where no machine here runs them: Apple silicon (arm64, clang),
+and x86-64 with the other compilers users build with (GCC 11, clang).
 
 The loops marked ``// vectorizes`` in csrc/cpu must vectorize when clang compiles them for
 aarch64 (NEON), as Apple clang does on a Mac; clang's optimization remarks say which loops did.
@@ -6,6 +7,7 @@ setup.py must build the kernels with OpenMP on macOS, or at::parallel_for runs o
 """
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -89,3 +91,24 @@ def test_setup_builds_with_openmp_on_linux_and_macos(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="one thread"):
         assert setup.openmp_flags("darwin") == ([], [])
 
+
+
+@pytest.mark.parametrize("compiler", ["g++-11", CLANG])
+def test_kernels_compile_for_x86_64_with_gcc_11_and_clang(compiler, tmp_path):
+    """GCC 11 (Ubuntu 22.04's) dispatches target_clones on single features, not on x86-64-v4 and
+    v3, and knows no __builtin_shufflevector; clang's target_clones takes neither flatten nor
+    noinline. Both must still build the x86-64 kernels (the multiversioning errors come at -O0
+    too). clang takes the omp.h that ATen includes from GCC, whose OpenMP torch uses."""
+    if shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} is not installed (make test installs Debian's g++-11 and clang-19)")
+    include = Path(torch.__file__).parent / "include"
+    command = [compiler, "-std=c++17", "-O0", "-g0", "-fno-math-errno", "-fno-trapping-math", f"-I{include}",
+               f"-I{include}/torch/csrc/api/include", "-c", "-o", os.devnull,
+               str(ROOT / "csrc" / "cpu" / "spatial_norm_cpu.cpp")]
+    if compiler == CLANG:
+        gcc_headers = subprocess.run(["g++", "-print-file-name=include"], capture_output=True, text=True).stdout.strip()
+        (tmp_path / "omp.h").symlink_to(Path(gcc_headers) / "omp.h")
+        assert (tmp_path / "omp.h").exists(), f"no omp.h in {gcc_headers}"
+        command[1:1] = ["-isystem", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 namespace spatialnorm::cpu {
@@ -22,6 +23,14 @@ struct Tile {
 
 namespace detail {
 
+// Integers as wide as a vector's lanes, a vector of them as wide as the vector: the lanes of
+// GCC 11's __builtin_shuffle.
+template <typename Vector>
+struct LaneIndices {
+  using Integer = std::conditional_t<sizeof(std::declval<Vector>()[0]) == 4, int32_t, int64_t>;
+  typedef Integer type __attribute__((vector_size(sizeof(Vector))));
+};
+
 // Lane p of a becomes a[p] where bit `kBit` of p is clear, else b[p - kBit]; of b, a[p + kBit]
 // where it is clear, else b[p]: the off-diagonal blocks of kBit x kBit values of the two rows
 // swapped. (Vectors go by reference: GCC warns that passing ones wider than the baseline's
@@ -29,8 +38,14 @@ namespace detail {
 template <int kBit, typename Vector, size_t... kLane>
 inline void swap_blocks(Vector& a, Vector& b, std::index_sequence<kLane...>) {
   constexpr int n = sizeof...(kLane);
+#if defined(__clang__) || __GNUC__ >= 12
   const Vector low = __builtin_shufflevector(a, b, ((kLane & kBit) == 0 ? kLane : n + kLane - kBit)...);
   b = __builtin_shufflevector(a, b, ((kLane & kBit) == 0 ? kLane + kBit : n + kLane)...);
+#else
+  using Lanes = typename LaneIndices<Vector>::type;
+  const Vector low = __builtin_shuffle(a, b, Lanes{((kLane & kBit) == 0 ? kLane : n + kLane - kBit)...});
+  b = __builtin_shuffle(a, b, Lanes{((kLane & kBit) == 0 ? kLane + kBit : n + kLane)...});
+#endif
   a = low;
 }
 

@@ -1,5 +1,5 @@
 // The CPU kernels' inner loops are plain arithmetic that the compiler vectorizes; on x86-64 Linux
-// they are built for AVX-512 and AVX2+FMA as well as the baseline, and picked at load time.
+// GCC builds them for AVX-512 and AVX2+FMA as well as the baseline, picked at load time.
 // `flatten` inlines every helper into each clone, so that the helpers' loops get the clone's
 // target too.
 #pragma once
@@ -10,13 +10,19 @@
 #include <string>
 #include <type_traits>
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+// GCC only: clang's target_clones takes neither flatten nor noinline. GCC 11 dispatches on single
+// features, not on the x86-64-v4 and v3 levels (GCC 12).
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 #define SPATIALNORM_X86_CLONES 1
-#define SPATIALNORM_VECTORIZED __attribute__((flatten, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#if __GNUC__ >= 12
+#define SPATIALNORM_TARGETS "arch=x86-64-v4", "arch=x86-64-v3", "default"
+#else
+#define SPATIALNORM_TARGETS "avx512f", "avx2", "default"
+#endif
+#define SPATIALNORM_VECTORIZED __attribute__((flatten, target_clones(SPATIALNORM_TARGETS)))
 // For the helpers a kernel calls once per band of rows: compiled once per target rather than
 // inlined into each kernel's clones (the window sums alone took the build 5 minutes instead of 1).
-#define SPATIALNORM_VECTORIZED_APART \
-  __attribute__((noinline, flatten, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define SPATIALNORM_VECTORIZED_APART __attribute__((noinline, flatten, target_clones(SPATIALNORM_TARGETS)))
 #else
 #define SPATIALNORM_X86_CLONES 0
 #define SPATIALNORM_VECTORIZED
@@ -30,7 +36,11 @@ namespace spatialnorm::cpu {
 inline int vector_bytes() {
 #if SPATIALNORM_X86_CLONES
   static const int bytes = [] {
-    const int supported = __builtin_cpu_supports("x86-64-v4") ? 64 : __builtin_cpu_supports("x86-64-v3") ? 32 : 16;
+    // The features of x86-64-v4 and v3 that matter here (GCC 11 knows no level names).
+    const bool v4 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                    __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    const bool v3 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const int supported = v4 ? 64 : v3 ? 32 : 16;
     const std::string allowed = at::get_cpu_capability();
     return std::min(supported, allowed == "AVX512" ? 64 : allowed == "AVX2" ? 32 : 16);
   }();
