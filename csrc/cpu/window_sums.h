@@ -46,7 +46,8 @@ class WindowSums {
         rows_(rows),
         cols_(clipped(cols, width)),
         // A row of column sums has the window's reach before and after it as zeros, and whole tiles.
-        stride_(rounded_up(width + cols_.span() - 1, kWidestTile)) {}
+        stride_(rounded_up(width + cols_.span() - 1, kWidestTile)),
+        zeros_(static_cast<size_t>(width), 0) {}
 
   // The rows of the plane that the windows of rows [row_begin, row_end) reach.
   RowRange rows_reached(int64_t row_begin, int64_t row_end, int64_t height) const {
@@ -63,7 +64,7 @@ class WindowSums {
     // zero. The rows go up to a whole number of tiles, which the row sums transpose whole.
     columns_.resize(static_cast<size_t>(rounded_up(rows, kWidestTile) * stride_));
     const RowRange reached = rows_reached(row_begin, row_end, height);
-    const Rows plane{values, reached.first, reached.last, width_};
+    const Rows plane{values, reached.first, reached.last, width_, zeros_.data()};
     // Clipped to the plane, the window's rows stay as they are and its span bounds the blocks.
     const WindowExtent reach = clipped(rows_, height);
     switch (reach.span()) {
@@ -87,14 +88,15 @@ class WindowSums {
   static constexpr int64_t kDirectAlongRowsUpTo = 16;
 
   // The rows [first, last) of a plane's values; the plane's other rows are not needed.
+  // Other rows read as a row of zeros.
   struct Rows {
     const sum_t* values;
     int64_t first;
     int64_t last;
     int64_t width;
+    const sum_t* zeros;
 
-    bool holds(int64_t r) const { return r >= first && r < last; }
-    const sum_t* operator[](int64_t r) const { return values + (r - first) * width; }
+    const sum_t* operator[](int64_t r) const { return r >= first && r < last ? values + (r - first) * width : zeros; }
   };
 
   // Where the plane's columns start in a row of column sums.
@@ -103,12 +105,10 @@ class WindowSums {
   // Each output row sums kSpan rows in one pass, rows outside the plane read as a row of zeros.
   template <int64_t kSpan>
   void column_sums_directly(const Rows& plane, WindowExtent reach, int64_t row_begin, int64_t row_end) {
-    zeros_.resize(static_cast<size_t>(width_));
     for (int64_t r = row_begin; r < row_end; ++r) {
       const sum_t* terms[kSpan];
       for (int64_t i = 0; i < kSpan; ++i) {
-        const int64_t row = r - reach.before + i;
-        terms[i] = plane.holds(row) ? plane[row] : zeros_.data();
+        terms[i] = plane[r - reach.before + i];
       }
       sum_t* __restrict out = column_row(r - row_begin);
       for (int64_t x = 0; x < width_; ++x) {  // vectorizes
@@ -137,38 +137,36 @@ class WindowSums {
       }
     }
     using Tile = Tile<sum_t, kBytes>;
-    using Vector = typename Tile::Vector;
     constexpr int64_t n = Tile::kSize;
-    const int64_t span = reach.span();
-    block_suffixes_.resize(static_cast<size_t>(span * n));
-    sum_t* __restrict suffixes = block_suffixes_.data();
-    for (int64_t block = row_begin; block < row_end; block += span) {
-      const int64_t outputs = std::min(span, row_end - block);
-      const int64_t top = block - reach.before;
-      // Rows below the last output's start are in every window of the block: one sum for them.
-      const int64_t common_first = std::max(plane.first, top + outputs - 1);
-      const int64_t common_last = std::min(plane.last, top + span);
-      for (int64_t stretch = 0; stretch < width_; stretch += n) {
-        const int64_t x = std::min(stretch, width_ - n);  // the last vector overlaps the one before
-        Vector suffix{};
-        for (int64_t r = common_first; r < common_last; ++r) {
-          suffix += Tile::at(plane[r] + x);
-        }
-        Tile::at(suffixes + (outputs - 1) * n) = suffix;
-        for (int64_t i = outputs - 2; i >= 0; --i) {
-          if (plane.holds(top + i)) {
-            suffix += Tile::at(plane[top + i] + x);
-          }
-          Tile::at(suffixes + i * n) = suffix;
-        }
-        Vector prefix{};
-        for (int64_t i = 0; i < outputs; ++i) {
-          const int64_t r = top + span + i - 1;  // the row entering the prefix
-          if (i > 0 && plane.holds(r)) {
-            prefix += Tile::at(plane[r] + x);
-          }
-          Tile::at(column_row(block + i - row_begin) + x) = Tile::at(suffixes + i * n) + prefix;
-        }
+    const int64_t top = row_begin - reach.before;  // of the first output's window
+    for (int64_t stretch = 0; stretch < width_; stretch += n) {
+      const int64_t x = std::min(stretch, width_ - n);  // the last vector overlaps the one before
+      sums_by_blocks<typename Tile::Vector>(
+          row_end - row_begin, reach.span(),
+          [&](int64_t j) -> const auto& { return Tile::at(plane[top + j] + x); },
+          [&](int64_t i) -> auto& { return Tile::at(column_row(i) + x); });
+    }
+  }
+
+  // out(i) = the sum of term(j) over j = i .. i + span - 1, for i < count, by blocks of span
+  // starts (van Herk / Gil-Werman): the block's suffix sum from i, then the prefix of the next
+  // block's terms up to i + span - 1. term(j) must give count + span - 1 terms.
+  template <typename Vector, typename Term, typename Out>
+  static void sums_by_blocks(int64_t count, int64_t span, const Term& term, const Out& out) {
+    for (int64_t block = 0; block < count; block += span) {
+      const int64_t end = std::min(block + span, count);
+      Vector suffix{};
+      for (int64_t j = block + span - 1; j >= end; --j) {  // in the windows of every start here
+        suffix += term(j);
+      }
+      for (int64_t i = end - 1; i >= block; --i) {
+        suffix += term(i);
+        out(i) = suffix;
+      }
+      Vector prefix{};
+      for (int64_t i = block + 1; i < end; ++i) {
+        prefix += term(i + span - 1);
+        out(i) += prefix;
       }
     }
   }
@@ -223,9 +221,7 @@ class WindowSums {
 
   template <typename Tile>
   void row_sums_in_tiles(int64_t rows, sum_t* __restrict sums) {
-    using Vector = typename Tile::Vector;
     constexpr int64_t n = Tile::kSize;
-    const int64_t span = cols_.span();
     // The tiles that hold the plane's columns; the margins' other columns stay zeros.
     const int64_t first_tile = cols_.before / n * n;
     const int64_t tiles_end = cols_.before + width_;
@@ -237,22 +233,9 @@ class WindowSums {
       for (int64_t column = first_tile; column < tiles_end; column += n) {
         transpose_tile<Tile>(columns_.data() + group * stride_ + column, stride_, t + column * n, n);
       }
-      for (int64_t block = 0; block < width_; block += span) {
-        const int64_t end = std::min(block + span, width_);
-        Vector suffix{};
-        for (int64_t x = block + span - 1; x >= end; --x) {
-          suffix += Tile::at(t + x * n);
-        }
-        for (int64_t x = end - 1; x >= block; --x) {
-          suffix += Tile::at(t + x * n);
-          Tile::at(s + x * n) = suffix;
-        }
-        Vector prefix{};
-        for (int64_t x = block + 1; x < end; ++x) {
-          prefix += Tile::at(t + (x + span - 1) * n);
-          Tile::at(s + x * n) += prefix;
-        }
-      }
+      sums_by_blocks<typename Tile::Vector>(
+          width_, cols_.span(), [&](int64_t j) -> const auto& { return Tile::at(t + j * n); },
+          [&](int64_t i) -> auto& { return Tile::at(s + i * n); });
       const int64_t group_rows = std::min(n, rows - group);
       for (int64_t x = 0; x < width_; x += n) {
         sum_t* out = sums + group * width_ + x;
@@ -281,7 +264,6 @@ class WindowSums {
   int64_t stride_;
   std::vector<sum_t> columns_;  // the band's column sums, a row of stride_ per output row
   std::vector<sum_t> zeros_;  // a row outside the plane
-  std::vector<sum_t> block_suffixes_;  // a vector of a block's suffix sums per output
   std::vector<sum_t> transposed_;  // a group of rows of column sums, transposed
   std::vector<sum_t> block_sums_;  // its row sums, transposed
 };
