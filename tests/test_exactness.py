@@ -143,7 +143,8 @@ def test_infinite_input_with_negative_beta(backend, beta):
     "backend,dtype,spike", on_backends([(torch.float32, 1e30), (torch.float64, 1e300), (torch.float16, 6e4)]),
     indirect=["backend"],
 )
-@pytest.mark.parametrize("kernel", [(3, 3), (5, 4), (12, 9)])
+# (31, 20): the CPU sums along rows by blocks in transposed tiles past 16 wide, down columns past 8.
+@pytest.mark.parametrize("kernel", [(3, 3), (5, 4), (12, 9), (31, 20)])
 def test_a_spike_changes_no_window_that_does_not_hold_it(backend, dtype, spike, kernel, generator):
     shape = (1, 2, 40, 37)
     x = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
@@ -166,6 +167,27 @@ def test_a_spike_changes_no_window_that_does_not_hold_it(backend, dtype, spike, 
         torch.testing.assert_close(
             got.double()[away], expected[away], rtol=ELEMENT_TOLERANCE[dtype], atol=1e-6 * expected[away].abs().max().item()
         )
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"], indirect=True)  # Metal's large windows: test_metal.py
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kernel", [(31, 20), (18, 33), (64, 5)])
+@pytest.mark.parametrize(
+    "settings_", [dict(alpha=1.0, beta=5.0, delta=1e-8), dict(alpha=30.0, beta=0.75, delta=1e-3), dict(alpha=1e-4, beta=-1.5, delta=1e3)]
+)
+def test_wide_and_tall_windows_on_hostile_data(backend, dtype, kernel, settings_, generator):
+    """The property test's planes (at most 9 wide) never reach the CPU's block sums along rows past
+    16 wide: these planes do, with spikes of huge values, NaN, infinities and a tiny delta."""
+    kw, kh = kernel
+    for spike in (1e6, float("nan"), float("inf")):
+        scale = 10.0 ** torch.randint(-3, 4, (1,), generator=generator).item()
+        x = (torch.randn(1, 2, 45, 70, generator=generator, dtype=torch.float64) * scale).to(dtype)
+        dy = torch.randn(1, 2, 45, 70, generator=generator, dtype=torch.float64).to(dtype)
+        x.view(-1)[torch.randint(x.numel(), (3,), generator=generator)] = spike * (1.0 if math.isnan(spike) else scale)
+        y, dx = forward_and_gradient(backend, x, dy, kernel, **settings_)
+        y_scale, dx_scale = _term_scales(x, dy, kw, kh, **settings_)
+        _assert_close_elementwise(y, expected_forward(x, kw, kh, **settings_), y_scale, dtype)
+        _assert_gradient_close(backend, dx, dy, x, kw, kh, settings_, dx_scale, dtype)
 
 
 @pytest.mark.parametrize("backend,dtype", on_backends([(dtype,) for dtype in DTYPES]), indirect=["backend"])
