@@ -12,6 +12,7 @@
 // shared memory beside a tile, and the gradient's from 40 wide, take separable passes over whole
 // lines instead (line_passes.cuh), whose cost does not grow with the window.
 #include "../spatial_norm.h"
+#include "coefficients.cuh"
 #include "line_passes.cuh"
 #include "powers.cuh"
 #include "shared_tile.cuh"
@@ -40,15 +41,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxThreads = 512;
 
-template <typename opmath_t>
-struct Coefficients {
-  opmath_t scale;           // alpha / (kw * kh)
-  opmath_t delta;
-  opmath_t neg_beta;
-  opmath_t g_exponent;      // -beta - 1
-  opmath_t gradient_scale;  // 2 * alpha * beta / (kw * kh)
-};
-
 // Extents of the forward window W; the gradient's M is its mirror image.
 struct Extents {
   int left, right, top, bottom;
@@ -62,13 +54,6 @@ struct Extents {
 __device__ inline Region reach(const Region& positions, Extents window) {
   return {positions.row0 - window.top, positions.col0 - window.left, positions.rows + window.height() - 1,
           positions.columns + window.width() - 1};
-}
-
-// T = delta + alpha/(kw*kh) * (window sum of X^2); just delta when alpha is 0, whatever the window
-// holds (also infinities or NaN).
-template <typename opmath_t>
-__device__ inline PowerBase<opmath_t> denominator(const Coefficients<opmath_t>& k, opmath_t window_sum) {
-  return PowerBase<opmath_t>(k.scale == opmath_t(0) ? k.delta : k.delta + k.scale * window_sum);
 }
 
 // dX = dY*T^-beta - gradient_scale * X * (M-window sum of G); with alpha or beta 0 the second
@@ -410,13 +395,6 @@ struct GradientOutput {
     dx[at] = static_cast<scalar_t>(gradient_of_input(k, p[at], static_cast<opmath_t>(x[at]), sum));
   }
 };
-
-template <typename opmath_t>
-Coefficients<opmath_t> coefficients(const Settings& s) {
-  return {static_cast<opmath_t>(s.alpha / s.window_size()), static_cast<opmath_t>(s.delta),
-          static_cast<opmath_t>(-s.beta), static_cast<opmath_t>(-s.beta - 1.0),
-          static_cast<opmath_t>(2.0 * s.alpha * s.beta / s.window_size())};
-}
 
 Extents extents(const Settings& s, const PlaneShape& shape) {
   const WindowExtent cols = clipped(forward_extent(s.kernel_width), shape.width);

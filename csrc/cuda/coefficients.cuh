@@ -1,0 +1,33 @@
+// The constants of a call in the compute type, and the denominator T they make of a window sum:
+// shared by the CUDA kernels of every translation unit.
+#pragma once
+
+#include "../spatial_norm.h"
+#include "powers.cuh"
+
+namespace spatialnorm::cuda {
+
+template <typename opmath_t>
+struct Coefficients {
+  opmath_t scale;           // alpha / (kw * kh)
+  opmath_t delta;
+  opmath_t neg_beta;
+  opmath_t g_exponent;      // -beta - 1
+  opmath_t gradient_scale;  // 2 * alpha * beta / (kw * kh)
+};
+
+template <typename opmath_t>
+Coefficients<opmath_t> coefficients(const Settings& s) {
+  return {static_cast<opmath_t>(s.alpha / s.window_size()), static_cast<opmath_t>(s.delta),
+          static_cast<opmath_t>(-s.beta), static_cast<opmath_t>(-s.beta - 1.0),
+          static_cast<opmath_t>(2.0 * s.alpha * s.beta / s.window_size())};
+}
+
+// T = delta + alpha/(kw*kh) * (window sum of X^2); just delta when alpha is 0, whatever the window
+// holds (also infinities or NaN).
+template <typename opmath_t>
+__device__ inline PowerBase<opmath_t> denominator(const Coefficients<opmath_t>& k, opmath_t window_sum) {
+  return PowerBase<opmath_t>(k.scale == opmath_t(0) ? k.delta : k.delta + k.scale * window_sum);
+}
+
+}  // namespace spatialnorm::cuda
