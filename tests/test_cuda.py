@@ -126,6 +126,7 @@ def test_compute_sanitizer_is_clean(tool):
         "for dtype, width in ((torch.float32, 40), (torch.bfloat16, 48)):\n"  # 16-byte groups
         "    x = torch.randn(2, 3, 20, width, device='cuda', dtype=dtype); g = torch.randn_like(x)\n"
         "    sn.spatial_normalization(x, 5, 3); sn.spatial_normalization_gradient(g, x, 9, 6)\n"
+        "    sn.spatial_normalization(x, 5); sn.spatial_normalization(x[:, :, :7], 2)\n"  # in registers
         "torch.cuda.synchronize()\n"
     )
     result = subprocess.run(

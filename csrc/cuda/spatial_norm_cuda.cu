@@ -10,11 +10,14 @@
 // makes G = dY*X*T^(-beta-1) over the tile and the mirrored window's halo, and P = dY*T^-beta over
 // the tile, then sums G over the mirrored windows of the tile. Windows whose halo would not fit
 // shared memory beside a tile, and the gradient's from 40 wide, take separable passes over whole
-// lines instead (line_passes.cuh), whose cost does not grow with the window.
+// lines instead (line_passes.cuh), whose cost does not grow with the window. The forward of small
+// square windows over rows of whole, aligned groups of four values runs in registers instead
+// (register_forward.cu), with no shared memory.
 #include "../spatial_norm.h"
 #include "coefficients.cuh"
 #include "line_passes.cuh"
 #include "powers.cuh"
+#include "register_forward.h"
 #include "shared_tile.cuh"
 
 #include <ATen/Dispatch.h>
@@ -581,6 +584,9 @@ at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_forward_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto k = coefficients<opmath_t>(settings);
+    if (forward_in_registers<scalar_t>(x, y, shape, settings, k)) {
+      return;
+    }
     with_group_size<scalar_t>(shape, {&x, &y}, [&](auto group) {
       const auto launch = plan<ForwardArrays<opmath_t>, ForwardPasses>(shape, w, group, 3);
       if (!launch) {
