@@ -33,7 +33,8 @@ AARCH64_HEADERS := /usr/aarch64-linux-gnu/include/c++/12
 test: $(BUILT) clang
 	$(PY) -m pytest -q tests
 
-# Where apt-get is missing (macOS) the tests that need them skip, each saying what it lacks.
+# Where apt-get is missing (macOS) the code-generation tests that need them skip, each saying
+# what it lacks; the Metal address-space check needs $(CLANG) on the PATH there.
 clang:
 	@if command -v $(CLANG) >/dev/null && test -d $(AARCH64_HEADERS) && command -v g++-11 >/dev/null; then :; \
 	elif command -v apt-get >/dev/null; then \
@@ -43,7 +44,7 @@ clang:
 		"libstdc++-12-dev-arm64-cross and g++-11 packages" >&2; exit 1; }; \
 	else \
 		echo "no apt-get here to install $(CLANG), Debian's aarch64 C++ headers and g++-11:" \
-		"the Metal syntax checks and the code-generation tests skip" >&2; \
+		"the code-generation tests that need them skip; the Metal address-space check needs $(CLANG)" >&2; \
 	fi
 
 bench: $(BUILT)
