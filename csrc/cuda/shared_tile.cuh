@@ -3,9 +3,9 @@
 // columns (a few columns at once).
 #pragma once
 
+#include "divider.cuh"
 #include "lanes.cuh"
 
-#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -13,8 +13,6 @@
 #include <cstdint>
 
 namespace spatialnorm::cuda {
-
-using Divider = at::cuda::detail::IntDivider<unsigned int>;
 
 // A row-major 2-D array in shared memory. Rows start 16-byte aligned, and a row's bytes are an odd
 // multiple of 16: then 16-byte accesses by the threads of a quarter warp along one row, and

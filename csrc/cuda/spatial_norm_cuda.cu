@@ -17,7 +17,7 @@
 #include "coefficients.cuh"
 #include "line_passes.cuh"
 #include "powers.cuh"
-#include "register_forward.h"
+#include "register_kernels.h"
 #include "shared_tile.cuh"
 
 #include <ATen/Dispatch.h>

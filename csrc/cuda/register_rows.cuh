@@ -1,0 +1,249 @@
+// What the CUDA kernels that keep their window sums in registers share (register_forward.cu,
+// register_backward.cu): how the planes are cut into segments of a warp that walk down bands of
+// rows, four columns a thread, and the window sums of a row of four values with the values its
+// neighbours lend by warp shuffles.
+//
+// Threads side by side along a row form a segment of 4 to 32 lanes of a warp. A window reaches at
+// most one lane beyond a thread's own columns, so a sum that needs its neighbours' values is
+// right everywhere but in a segment's first and last lane; a kernel whose sums build on such sums
+// (the gradient: G from T, then sums of G) loses one more lane on each side. Those halo lanes
+// only lend; the others write their columns.
+#pragma once
+
+#include "../spatial_norm.h"
+#include "divider.cuh"
+#include "lanes.cuh"
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <optional>
+#include <type_traits>
+#include <utility>
+
+namespace spatialnorm::cuda {
+
+constexpr int kColumns = 4;  // consecutive columns a thread owns
+constexpr int kSegmentBlockThreads = 256;
+constexpr unsigned int kAllLanes = 0xffffffffu;
+
+// How the planes are cut into segments: each takes a band of rows of a plane and a stretch of
+// its columns, (lanes - 2 * halo_lanes) groups of kColumns wide.
+struct Segments {
+  int height;
+  int width;
+  int lanes_log2;  // lanes per segment: 4 to 32
+  int halo_lanes;  // on each side
+  int band_rows;   // of every band but perhaps a plane's last
+  int steps;       // rows a segment reads: band_rows and the rows its windows reach above and below
+  Divider tiles_across;
+  Divider bands_down;
+  unsigned int count;
+
+  __host__ __device__ int lanes() const { return 1 << lanes_log2; }
+};
+
+// Where a thread's segment and columns lie.
+struct Place {
+  int64_t plane_offset;  // of the thread's first column in the planes
+  int row0;              // the band's first row
+  int row_end;
+  bool reads;            // its columns lie in the plane (lanes beyond it read zeros)
+  bool writes;           // it also owns them (not a halo lane)
+};
+
+__device__ inline Place locate(const Segments& s) {
+  const unsigned int segment = (blockIdx.x * kSegmentBlockThreads + threadIdx.x) >> s.lanes_log2;
+  const int lane = threadIdx.x & (s.lanes() - 1);
+  const auto across = s.tiles_across.divmod(segment);
+  const auto down = s.bands_down.divmod(across.div);
+  const int owned = s.lanes() - 2 * s.halo_lanes;
+  const int column = (static_cast<int>(across.mod) * owned + lane - s.halo_lanes) * kColumns;
+  Place place;
+  place.plane_offset = static_cast<int64_t>(down.div) * s.height * s.width + column;
+  place.row0 = static_cast<int>(down.mod) * s.band_rows;
+  place.row_end = min(place.row0 + s.band_rows, s.height);
+  place.reads = segment < s.count && column >= 0 && column < s.width;
+  place.writes = place.reads && lane >= s.halo_lanes && lane < s.lanes() - s.halo_lanes;
+  return place;
+}
+
+// One row's group of kColumns values at a thread's columns; zeros where nothing is wanted, the
+// row lies outside the plane or the columns do. Offsets within a plane fit 32 bits (segments_for).
+template <typename scalar_t>
+__device__ inline Stored<scalar_t, kColumns> load_row(const scalar_t* __restrict__ plane, const Segments& s,
+                                                      const Place& place, int row, bool wanted) {
+  using Group = Stored<scalar_t, kColumns>;
+  return wanted && place.reads && row >= 0 && row < s.height ? *reinterpret_cast<const Group*>(plane + row * s.width)
+                                                             : Group(0);
+}
+
+// out[i] = terms[i] + ... + terms[i + kWindow - 1] for i < kCount, all indices known at compile
+// time so that the terms stay in registers. Windows go in chunks of consecutive ones (as in
+// shared_tile.cuh's chunk_window_sums): window i0 + t is the chunk's suffix from i0 + t plus the
+// terms after the chunk that it reaches, a prefix the chunk's windows share and that grows by
+// one term per window.
+template <int kWindow, int kCount, typename T>
+__device__ inline void sliding_sums(const T (&terms)[kCount + kWindow - 1], T (&out)[kCount]) {
+  constexpr int kChunk = kWindow < kCount ? kWindow : kCount;
+#pragma unroll
+  for (int i0 = 0; i0 < kCount; i0 += kChunk) {
+    T suffix[kChunk];
+    suffix[kChunk - 1] = terms[i0 + kChunk - 1];
+#pragma unroll
+    for (int t = kChunk - 2; t >= 0; --t) {
+      suffix[t] = terms[i0 + t] + suffix[t + 1];
+    }
+    T beyond = 0;  // terms i0 + kChunk .. i0 + t + kWindow - 1
+#pragma unroll
+    for (int j = i0 + kChunk; j < i0 + kWindow; ++j) {
+      beyond = j == i0 + kChunk ? terms[j] : beyond + terms[j];
+    }
+#pragma unroll
+    for (int t = 0; t < kChunk && i0 + t < kCount; ++t) {
+      const int last = i0 + t + kWindow - 1;
+      if (t > 0) {
+        beyond = last == i0 + kChunk ? terms[last] : beyond + terms[last];
+      }
+      out[i0 + t] = last < i0 + kChunk ? suffix[t] : suffix[t] + beyond;
+    }
+  }
+}
+
+// The sums along the row of windows reaching kBefore columns before each of a thread's and
+// kAfter after it, of `values` and the values its neighbours in the segment lend. Every lane of
+// the warp must call it (shuffles).
+template <int kBefore, int kAfter, typename T>
+__device__ inline Lanes<T, kColumns> row_window_sums(const Lanes<T, kColumns>& values, const Segments& s) {
+  static_assert(kBefore <= kColumns && kAfter <= kColumns, "a window reaches the neighbouring lanes' columns only");
+  T terms[kColumns + kBefore + kAfter];
+#pragma unroll
+  for (int j = 0; j < kBefore; ++j) {
+    terms[j] = __shfl_up_sync(kAllLanes, values.v[kColumns - kBefore + j], 1, s.lanes());
+  }
+#pragma unroll
+  for (int j = 0; j < kColumns; ++j) {
+    terms[kBefore + j] = values.v[j];
+  }
+#pragma unroll
+  for (int j = 0; j < kAfter; ++j) {
+    terms[kBefore + kColumns + j] = __shfl_down_sync(kAllLanes, values.v[j], 1, s.lanes());
+  }
+  Lanes<T, kColumns> sums;
+  sliding_sums<kBefore + kAfter + 1, kColumns>(terms, sums.v);
+  return sums;
+}
+
+// The window sum down the columns of a ring of the last kHeight rows' sums along the row, the
+// newest in `newest`: oldest (top) row first, kHeight - 1 additions. Rings indexed by the step
+// modulo kHeight, with the loop over a ring's slots unrolled, keep every index known at compile
+// time; a ring took fewer registers than running partial sums shifted down at each row.
+template <int kHeight, typename T>
+__device__ inline T column_window_sum(const T (&ring)[kHeight], int newest) {
+  T sum = ring[(newest + 1) % kHeight];
+#pragma unroll
+  for (int i = 2; i <= kHeight; ++i) {
+    sum += ring[(newest + i) % kHeight];
+  }
+  return sum;
+}
+
+// Whether rows of whole, aligned groups of kColumns values can be loaded and stored as one in
+// every tensor.
+template <typename scalar_t>
+bool rows_of_groups(const PlaneShape& shape, std::initializer_list<const at::Tensor*> tensors) {
+  constexpr size_t kAlignment = alignof(Stored<scalar_t, kColumns>);
+  bool aligned = shape.width % kColumns == 0;
+  for (const at::Tensor* t : tensors) {
+    aligned &= reinterpret_cast<uintptr_t>(t->const_data_ptr()) % kAlignment == 0;
+  }
+  return aligned;
+}
+
+// Warps of `kernel` (launched in blocks of kSegmentBlockThreads) the current device holds at once.
+template <typename Kernel>
+int64_t resident_warps(Kernel kernel) {
+  int blocks = 0, multiprocessors = 0, device = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kSegmentBlockThreads, 0));
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
+  return int64_t{blocks} * multiprocessors * (kSegmentBlockThreads / 32);
+}
+
+// Segments of 32, 16, 8 or 4 lanes (at least 2 * halo_lanes + 1), whichever has the fewest lanes
+// in all for the plane's width (ties: the widest, whose halo lanes are fewer); nothing where a
+// plane's offsets or the indices would not fit 32 bits.
+//
+// Bands of kMinBandRows to kMaxBandRows rows, evened out over the plane, each reading rows_beyond
+// rows more: as tall as the waves of resident warps allow. A segment's warp takes about a step
+// per row it reads, so the launch takes about (waves of warps) x (rows a band reads) steps; the
+// fewest wins, ties the fewest bands. Tall bands read fewer halo rows, but a last wave that is
+// mostly empty leaves the GPU idle for as long as a full one (bfloat16 3x3 gradient on an H200,
+// 32x64x112x112 in 2.6 waves of bands of 28 rows: 74 us; in 1.3 waves of 56 rows: 84 us).
+inline std::optional<Segments> segments_for(const PlaneShape& shape, int halo_lanes, int rows_beyond,
+                                            int64_t resident_warps) {
+  constexpr int kMinBandRows = 16;
+  constexpr int kMaxBandRows = 64;
+  constexpr int64_t kLimit = std::numeric_limits<int>::max();
+  if (shape.height + kMaxBandRows + rows_beyond > kLimit || shape.width + 2 * halo_lanes * kColumns > kLimit ||
+      shape.height * shape.width > kLimit) {
+    return std::nullopt;
+  }
+  const int64_t groups = shape.width / kColumns;
+  int lanes_log2 = 5;
+  int64_t fewest = std::numeric_limits<int64_t>::max();
+  for (int log2 = 5; log2 >= 2 && (1 << log2) > 2 * halo_lanes; --log2) {
+    const int64_t owned = (int64_t{1} << log2) - 2 * halo_lanes;
+    const int64_t lanes = (int64_t{1} << log2) * ((groups + owned - 1) / owned);
+    if (lanes < fewest) {
+      fewest = lanes;
+      lanes_log2 = log2;
+    }
+  }
+  const int64_t tiles = fewest >> lanes_log2;
+  int64_t bands = 0, rows = 0, least_steps = std::numeric_limits<int64_t>::max();
+  for (int64_t tallest = kMaxBandRows; tallest >= kMinBandRows; --tallest) {
+    const int64_t candidate_bands = (shape.height + tallest - 1) / tallest;
+    const int64_t warps = (shape.planes * candidate_bands * fewest + 31) / 32;
+    const int64_t waves = (warps + resident_warps - 1) / std::max<int64_t>(resident_warps, 1);
+    const int64_t candidate_rows = (shape.height + candidate_bands - 1) / candidate_bands;
+    const int64_t steps = waves * (candidate_rows + rows_beyond);
+    if (steps < least_steps) {
+      least_steps = steps;
+      bands = candidate_bands;
+      rows = candidate_rows;
+    }
+  }
+  const int64_t count = shape.planes * bands * tiles;
+  if (count * (int64_t{1} << lanes_log2) + kSegmentBlockThreads > std::numeric_limits<unsigned int>::max() ||
+      shape.planes * bands > std::numeric_limits<unsigned int>::max()) {
+    return std::nullopt;
+  }
+  return Segments{static_cast<int>(shape.height),
+                  static_cast<int>(shape.width),
+                  lanes_log2,
+                  halo_lanes,
+                  static_cast<int>(rows),
+                  static_cast<int>(rows + rows_beyond),
+                  Divider(static_cast<unsigned int>(tiles)),
+                  Divider(static_cast<unsigned int>(bands)),
+                  static_cast<unsigned int>(count)};
+}
+
+inline int64_t segment_blocks(const Segments& s) {
+  const int64_t threads = int64_t{s.count} << s.lanes_log2;
+  return (threads + kSegmentBlockThreads - 1) / kSegmentBlockThreads;
+}
+
+// Calls run(std::integral_constant<int, size>) if size is one of kSizes; whether it was.
+template <int... kSizes, typename Run>
+bool with_window_size(int64_t size, std::integer_sequence<int, kSizes...>, Run run) {
+  return ((size == kSizes && (run(std::integral_constant<int, kSizes>()), true)) || ...);
+}
+
+}  // namespace spatialnorm::cuda
