@@ -194,20 +194,23 @@ def test_wide_and_tall_windows_on_hostile_data(backend, dtype, kernel, settings_
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", range(2, 10))
 def test_square_windows_over_rows_of_groups_of_four(backend, dtype, size, generator):
-    """CUDA takes the forward of square windows up to 5x5 (float32) or 6x6 (16-bit) over rows of
-    whole groups of four values in registers, larger ones in tiles: planes 4 to 124 wide take
-    segments of 4 to 32 lanes, one or several across a row, and bands of up to 32 rows, a plane's
-    last one shorter. Spikes, NaN and infinities stay in their windows; the zero rows with delta
-    1e-8 and beta 5 make powers beyond float32's range."""
+    """CUDA takes the forward and the gradient of small square windows over rows of whole groups
+    of four values in registers (register_forward.cu, register_backward.cu), larger ones in tiles:
+    planes 4 to 124 wide take segments of 4 to 32 lanes, one or several across a row, and bands of
+    up to 32 rows, a plane's last one shorter. Spikes, NaN and infinities stay in their windows; the
+    zero rows with delta 1e-8 and beta 5 make powers beyond float32's range."""
     settings_ = [dict(alpha=1.0, beta=5.0, delta=1e-8), dict(alpha=30.0, beta=0.75, delta=1e-3), dict(alpha=1e-2, beta=-1.5, delta=1.0)]
     spikes = [10.0, float("nan"), float("inf")]
     for i, (height, width) in enumerate([(1, 4), (5, 8), (37, 24), (70, 56), (9, 112), (33, 124)]):
         x = torch.randn(2, 1, height, width, generator=generator, dtype=torch.float64).to(dtype)
+        dy = torch.randn(2, 1, height, width, generator=generator, dtype=torch.float64).to(dtype)
         x[0, 0, : height // 3] = 0.0
         x.view(-1)[torch.randint(x.numel(), (2,), generator=generator)] = spikes[i % 3]
         case = settings_[i % 3]
-        y_scale, _ = _term_scales(x, x, size, size, **case)
-        _assert_close_elementwise(backend.forward(x, size, size, **case), expected_forward(x, size, size, **case), y_scale, dtype)
+        y, dx = forward_and_gradient(backend, x, dy, (size, size), **case)
+        y_scale, dx_scale = _term_scales(x, dy, size, size, **case)
+        _assert_close_elementwise(y, expected_forward(x, size, size, **case), y_scale, dtype)
+        _assert_gradient_close(backend, dx, dy, x, size, size, case, dx_scale, dtype)
 
 
 @pytest.mark.parametrize("backend,dtype", on_backends([(dtype,) for dtype in DTYPES]), indirect=["backend"])

@@ -1,5 +1,5 @@
-// The constants of a call in the compute type, and the denominator T they make of a window sum:
-// shared by the CUDA kernels of every translation unit.
+// The constants of a call in the compute type, the denominator T they make of a window sum and
+// the gradient's dX they make of its terms: shared by the CUDA kernels of every translation unit.
 #pragma once
 
 #include "../spatial_norm.h"
@@ -28,6 +28,14 @@ Coefficients<opmath_t> coefficients(const Settings& s) {
 template <typename opmath_t>
 __device__ inline PowerBase<opmath_t> denominator(const Coefficients<opmath_t>& k, opmath_t window_sum) {
   return PowerBase<opmath_t>(k.scale == opmath_t(0) ? k.delta : k.delta + k.scale * window_sum);
+}
+
+// dX = dY*T^-beta - gradient_scale * X * (M-window sum of G); with alpha or beta 0 the second
+// term is absent, whatever G's sum holds.
+template <typename opmath_t>
+__device__ inline opmath_t gradient_of_input(const Coefficients<opmath_t>& k, opmath_t dy_p, opmath_t x,
+                                             opmath_t g_sum) {
+  return k.gradient_scale == opmath_t(0) ? dy_p : dy_p - k.gradient_scale * x * g_sum;
 }
 
 }  // namespace spatialnorm::cuda

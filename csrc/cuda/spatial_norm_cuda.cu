@@ -10,9 +10,9 @@
 // makes G = dY*X*T^(-beta-1) over the tile and the mirrored window's halo, and P = dY*T^-beta over
 // the tile, then sums G over the mirrored windows of the tile. Windows whose halo would not fit
 // shared memory beside a tile, and the gradient's from 40 wide, take separable passes over whole
-// lines instead (line_passes.cuh), whose cost does not grow with the window. The forward of small
-// square windows over rows of whole, aligned groups of four values runs in registers instead
-// (register_forward.cu), with no shared memory.
+// lines instead (line_passes.cuh), whose cost does not grow with the window. The forward and the
+// gradient of small square windows over rows of whole, aligned groups of four values run in
+// registers instead (register_forward.cu, register_backward.cu), with no shared memory.
 #include "../spatial_norm.h"
 #include "coefficients.cuh"
 #include "line_passes.cuh"
@@ -57,14 +57,6 @@ struct Extents {
 __device__ inline Region reach(const Region& positions, Extents window) {
   return {positions.row0 - window.top, positions.col0 - window.left, positions.rows + window.height() - 1,
           positions.columns + window.width() - 1};
-}
-
-// dX = dY*T^-beta - gradient_scale * X * (M-window sum of G); with alpha or beta 0 the second
-// term is absent, whatever G's sum holds.
-template <typename opmath_t>
-__device__ inline opmath_t gradient_of_input(const Coefficients<opmath_t>& k, opmath_t dy_p, opmath_t x,
-                                             opmath_t g_sum) {
-  return k.gradient_scale == opmath_t(0) ? dy_p : dy_p - k.gradient_scale * x * g_sum;
 }
 
 template <typename scalar_t>
@@ -617,6 +609,9 @@ at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& input, int6
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_backward_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto k = coefficients<opmath_t>(settings);
+    if (backward_in_registers<scalar_t>(dy, x, dx, shape, settings, k)) {
+      return;
+    }
     with_group_size<scalar_t>(shape, {&x, &dy, &dx}, [&](auto group) {
       const auto launch = plan<BackwardArrays<opmath_t>, BackwardPasses>(shape, w, group, 1);
       if (!launch || std::max(w.width(), w.height()) >= kGradientByLinesFrom) {
