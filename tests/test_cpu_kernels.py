@@ -102,6 +102,30 @@ def test_block_sums_with_the_vectors_aten_cpu_capability_allows(capability):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]  # 5 where none ran
 
 
+def test_window_sums_stay_in_their_buffers(tmp_path):
+    """tests/window_sums_bounds.cpp under AddressSanitizer: planes 1 to 70 wide, windows 1 to 40
+    wide, float and double, against direct sums, in the vectors of each ATEN_CPU_CAPABILITY. The
+    last tile along a row was once transposed whole out of a buffer that ended inside it: a read
+    past its end that crashed only where the buffer ended a page (the gradient at 1x64x56x56,
+    31x31, two threads)."""
+    from torch.utils import cpp_extension
+
+    binary = tmp_path / "window_sums_bounds"
+    libraries = cpp_extension.library_paths()
+    command = [
+        os.environ.get("CXX", "c++"), "-std=c++17", "-O1", "-g0", "-fsanitize=address", "-fno-omit-frame-pointer",
+        *(f"-I{path}" for path in cpp_extension.include_paths()), str(Path(__file__).with_name("window_sums_bounds.cpp")),
+        "-o", str(binary), *(f"-L{path}" for path in libraries), *(f"-Wl,-rpath,{path}" for path in libraries),
+        "-ltorch_cpu", "-lc10",
+    ]
+    built = subprocess.run(command, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    for capability in ("avx512", "avx2", "default"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "ASAN_OPTIONS": "detect_leaks=0"}
+        result = subprocess.run([str(binary)], env=env, capture_output=True, text=True)
+        assert result.returncode == 0, f"{capability}: " + result.stdout[-3000:] + result.stderr[-3000:]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_power_edge_cases(dtype):
     """beta = 0 is the identity; a huge denominator underflows to 0 like the reference."""

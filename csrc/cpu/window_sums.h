@@ -226,7 +226,8 @@ class WindowSums {
     const int64_t first_tile = cols_.before / n * n;
     const int64_t tiles_end = cols_.before + width_;
     transposed_.resize(static_cast<size_t>(stride_ * n));
-    block_sums_.resize(static_cast<size_t>(width_ * n));
+    // Whole tiles: the last one is transposed whole even where the plane's width ends inside it.
+    block_sums_.resize(static_cast<size_t>(rounded_up(width_, n) * n));
     sum_t* __restrict t = transposed_.data();
     sum_t* __restrict s = block_sums_.data();
     for (int64_t group = 0; group < rows; group += n) {
