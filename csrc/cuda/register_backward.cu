@@ -16,9 +16,6 @@
 #include "powers.cuh"
 #include "register_rows.cuh"
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include <type_traits>
 #include <utility>
 
@@ -51,7 +48,7 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<scalar_t, kSi
   using Values = Lanes<opmath_t, kColumns>;
   constexpr int kBefore = kSize / 2, kAfter = (kSize - 1) / 2;  // W's extent; M's is its mirror image
   constexpr int kLag = kSize - 1;                                 // steps from reading a row to writing it
-  static_assert(kBefore + kAfter + 1 <= kColumns + 1, "one halo lane on each side (kHaloLanes)");
+  static_assert(kSize <= kColumns + 1, "one halo lane on each side (kHaloLanes)");
   const Place place = locate(s);
   const scalar_t* x = input + place.plane_offset;
   const scalar_t* dy = grad_output + place.plane_offset;
@@ -152,16 +149,9 @@ bool backward_in_registers(const at::Tensor& dy, const at::Tensor& x, const at::
   with_window_size(settings.kernel_width, std::integer_sequence<int, 2, 3, 4, 5, 6>(), [&](auto size) {
     constexpr int kSize = decltype(size)::value;
     if constexpr (kSize <= kLargestWindow<scalar_t>) {
-      const auto kernel = register_backward_kernel<scalar_t, kSize>;
-      const std::optional<Segments> segments =
-          segments_for(shape, kHaloLanes, 2 * (kSize - 1), resident_warps(kernel));
-      if (segments) {
-        kernel<<<segment_blocks(*segments), kSegmentBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), *segments,
-            k);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        launched = true;
-      }
+      launched = launch_over_segments(register_backward_kernel<scalar_t, kSize>, shape, kHaloLanes, 2 * (kSize - 1), k,
+                                      dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                      dx.mutable_data_ptr<scalar_t>());
     }
   });
   return launched;

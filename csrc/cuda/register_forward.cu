@@ -17,9 +17,6 @@
 #include "powers.cuh"
 #include "register_rows.cuh"
 
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include <type_traits>
 #include <utility>
 
@@ -117,14 +114,8 @@ bool forward_in_registers(const at::Tensor& x, const at::Tensor& y, const PlaneS
   with_window_size(settings.kernel_width, std::integer_sequence<int, 2, 3, 4, 5, 6>(), [&](auto size) {
     constexpr int kSize = decltype(size)::value;
     if constexpr (kSize <= kLargestWindow<scalar_t>) {
-      const auto kernel = register_forward_kernel<scalar_t, kSize, kSize>;
-      const std::optional<Segments> segments = segments_for(shape, kHaloLanes, kSize - 1, resident_warps(kernel));
-      if (segments) {
-        kernel<<<segment_blocks(*segments), kSegmentBlockThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-            x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), *segments, k);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        launched = true;
-      }
+      launched = launch_over_segments(register_forward_kernel<scalar_t, kSize, kSize>, shape, kHaloLanes, kSize - 1, k,
+                                      x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>());
     }
   });
   return launched;

@@ -5,9 +5,9 @@
 //
 // Threads side by side along a row form a segment of 4 to 32 lanes of a warp. A window reaches at
 // most one lane beyond a thread's own columns, so a sum that needs its neighbours' values is
-// right everywhere but in a segment's first and last lane; a kernel whose sums build on such sums
-// (the gradient: G from T, then sums of G) loses one more lane on each side. Those halo lanes
-// only lend; the others write their columns.
+// right everywhere but in a segment's first and last lane (halo_lanes says how many lanes on each
+// side a kernel gives up: one for both kernels, see register_backward.cu). Those halo lanes only
+// lend; the others write their columns.
 #pragma once
 
 #include "../spatial_norm.h"
@@ -16,6 +16,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -235,9 +236,20 @@ inline std::optional<Segments> segments_for(const PlaneShape& shape, int halo_la
                   static_cast<unsigned int>(count)};
 }
 
-inline int64_t segment_blocks(const Segments& s) {
-  const int64_t threads = int64_t{s.count} << s.lanes_log2;
-  return (threads + kSegmentBlockThreads - 1) / kSegmentBlockThreads;
+// Launches kernel(pointers..., segments, k) on the current stream over the planes cut into
+// segments (segments_for); false, launching nothing, where they cannot be.
+template <typename Kernel, typename Coefficients, typename... Pointers>
+bool launch_over_segments(Kernel kernel, const PlaneShape& shape, int halo_lanes, int rows_beyond,
+                          const Coefficients& k, Pointers... pointers) {
+  const std::optional<Segments> segments = segments_for(shape, halo_lanes, rows_beyond, resident_warps(kernel));
+  if (!segments) {
+    return false;
+  }
+  const int64_t threads = int64_t{segments->count} << segments->lanes_log2;
+  kernel<<<(threads + kSegmentBlockThreads - 1) / kSegmentBlockThreads, kSegmentBlockThreads, 0,
+           c10::cuda::getCurrentCUDAStream()>>>(pointers..., *segments, k);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
 }
 
 // Calls run(std::integral_constant<int, size>) if size is one of kSizes; whether it was.
