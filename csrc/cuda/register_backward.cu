@@ -88,12 +88,7 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<scalar_t, kSi
       x_ahead[kRowsAhead - 1] = load_row(x, s, place, first_row + step + kRowsAhead, step + kRowsAhead < s.steps);
       dy_ahead[kRowsAhead - 1] = load_dy(step + kRowsAhead);
       rows[slot] = current;
-      Values squares = widen<scalar_t, kColumns>(current);
-#pragma unroll
-      for (int e = 0; e < kColumns; ++e) {
-        squares.v[e] *= squares.v[e];
-      }
-      square_sums[slot] = row_window_sums<kBefore, kAfter>(squares, s);
+      square_sums[slot] = square_row_sums<kBefore, kAfter, scalar_t>(current, s);
       if (step < kLag) {  // the same for every lane: T's window is not complete yet
         continue;
       }

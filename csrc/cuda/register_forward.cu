@@ -72,12 +72,7 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks)
       }
       ahead[kRowsAhead - 1] = load_row(x, s, place, first_row + step + kRowsAhead, step + kRowsAhead < s.steps);
       rows[slot] = current;
-      Values squares = widen<scalar_t, kColumns>(current);
-#pragma unroll
-      for (int e = 0; e < kColumns; ++e) {
-        squares.v[e] *= squares.v[e];
-      }
-      row_sums[slot] = row_window_sums<kLeft, kRight>(squares, s);
+      row_sums[slot] = square_row_sums<kLeft, kRight, scalar_t>(current, s);
 
       const int out_row = place.row0 + step - (kHeight - 1);
       if (place.writes && step >= kHeight - 1 && out_row < place.row_end) {

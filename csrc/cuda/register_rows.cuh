@@ -140,6 +140,18 @@ __device__ inline Lanes<T, kColumns> row_window_sums(const Lanes<T, kColumns>& v
   return sums;
 }
 
+// The window sums along the row of the squares of a group of values (row_window_sums).
+template <int kBefore, int kAfter, typename scalar_t>
+__device__ inline Lanes<at::opmath_type<scalar_t>, kColumns> square_row_sums(const Stored<scalar_t, kColumns>& group,
+                                                                             const Segments& s) {
+  Lanes<at::opmath_type<scalar_t>, kColumns> squares = widen<scalar_t, kColumns>(group);
+#pragma unroll
+  for (int e = 0; e < kColumns; ++e) {
+    squares.v[e] *= squares.v[e];
+  }
+  return row_window_sums<kBefore, kAfter>(squares, s);
+}
+
 // The window sum down the columns of a ring of the last kHeight rows' sums along the row, the
 // newest in `newest`: oldest (top) row first, kHeight - 1 additions. Rings indexed by the step
 // modulo kHeight, with the loop over a ring's slots unrolled, keep every index known at compile
