@@ -17,6 +17,13 @@ SETTINGS = [
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
+def torch_include_flags():
+    """-I flags for compiling against PyTorch's C++ headers, as its extensions do."""
+    from torch.utils import cpp_extension
+
+    return [f"-I{path}" for path in cpp_extension.include_paths()]
+
+
 def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     got, expected = got.double().cpu(), expected.double().cpu()
     return ((got - expected).norm() / expected.norm().clamp_min(1e-300)).item()

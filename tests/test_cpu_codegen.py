@@ -14,7 +14,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
+
+from helpers import torch_include_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "csrc" / "cpu" / "spatial_norm_cpu.cpp"
@@ -41,15 +42,10 @@ def _marked_loops():
     return marked
 
 
-def _torch_includes():
-    include = Path(torch.__file__).parent / "include"
-    return [f"-I{include}", f"-I{include}/torch/csrc/api/include"]
-
-
 def _aarch64_remarks(tmp_path):
     if shutil.which(CLANG) is None:
         pytest.skip(f"{CLANG} is not installed (make test installs Debian's clang-19)")
-    command = [CLANG, "--target=aarch64-linux-gnu", *FLAGS, *_torch_includes(), "-Rpass=loop-vectorize",
+    command = [CLANG, "--target=aarch64-linux-gnu", *FLAGS, *torch_include_flags(), "-Rpass=loop-vectorize",
                "-Rpass-missed=loop-vectorize", "-S", "-o", str(tmp_path / "kernels.s"), str(KERNELS)]
     if not AARCH64_HEADERS.is_dir():
         pytest.skip(f"no aarch64 C++ headers in {AARCH64_HEADERS} (make test installs Debian's libstdc++-12-dev-arm64-cross)")
@@ -106,7 +102,7 @@ def test_kernels_compile_for_x86_64_with_gcc_11_and_clang(compiler, tmp_path):
     if shutil.which(compiler) is None:
         pytest.skip(f"{compiler} is not installed (make test installs Debian's g++-11 and clang-19)")
     # -O0 overrides FLAGS' -O3: the same errors in a fraction of the time.
-    command = [compiler, *FLAGS, "-O0", "-g0", *_torch_includes(), "-c", "-o", os.devnull, str(KERNELS)]
+    command = [compiler, *FLAGS, "-O0", "-g0", *torch_include_flags(), "-c", "-o", os.devnull, str(KERNELS)]
     if compiler == CLANG:
         gcc_headers = subprocess.run(["g++", "-print-file-name=include"], capture_output=True, text=True).stdout.strip()
         (tmp_path / "omp.h").symlink_to(Path(gcc_headers) / "omp.h")

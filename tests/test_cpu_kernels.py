@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torch_spatialnorm as sn
-from helpers import check_against_reference, KERNELS, SETTINGS, SHAPES, TOLERANCE, expected_forward, expected_gradient, random_image, relative_error
+from helpers import check_against_reference, KERNELS, SETTINGS, SHAPES, TOLERANCE, expected_forward, expected_gradient, random_image, relative_error, torch_include_flags
 
 
 def check_both_ways(x, dy, kernel, settings, dtype):
@@ -114,7 +114,7 @@ def test_window_sums_stay_in_their_buffers(tmp_path):
     libraries = cpp_extension.library_paths()
     command = [
         os.environ.get("CXX", "c++"), "-std=c++17", "-O1", "-g0", "-fsanitize=address", "-fno-omit-frame-pointer",
-        *(f"-I{path}" for path in cpp_extension.include_paths()), str(Path(__file__).with_name("window_sums_bounds.cpp")),
+        *torch_include_flags(), str(Path(__file__).with_name("window_sums_bounds.cpp")),
         "-o", str(binary), *(f"-L{path}" for path in libraries), *(f"-Wl,-rpath,{path}" for path in libraries),
         "-ltorch_cpu", "-lc10",
     ]
