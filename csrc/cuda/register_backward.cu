@@ -54,16 +54,9 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<scalar_t, kSi
   const scalar_t* dy = grad_output + place.plane_offset;
   scalar_t* dx = grad_input + place.plane_offset;
   const int first_row = place.row0 - kLag;  // of X, read at step 0; T and G of row r are made at step r - first_row + kAfter
-  const auto load_dy = [&](int step) {    // the row whose T is made at this step
-    return load_row(dy, s, place, first_row + step - kAfter, step >= kLag && step < s.steps);
-  };
-
-  Group x_ahead[kRowsAhead], dy_ahead[kRowsAhead];
-#pragma unroll
-  for (int a = 0; a < kRowsAhead; ++a) {
-    x_ahead[a] = load_row(x, s, place, first_row + a, a < s.steps);
-    dy_ahead[a] = load_dy(a);
-  }
+  RowQueue<scalar_t, kRowsAhead> x_rows(x, s, place, first_row);
+  // dY of the row whose T a step makes, from the first that makes one.
+  RowQueue<scalar_t, kRowsAhead, kLag> dy_rows(dy, s, place, first_row - kAfter);
   // Rings: row j of the band's X, read at step j, in slot j % kSize as loaded, and its squares'
   // window sums along the row; the P of the row whose T step j makes, and its G's sums along the
   // mirrored window.
@@ -78,17 +71,10 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<scalar_t, kSi
       if (step >= s.steps) {  // the same for every lane
         break;
       }
-      const Group current = x_ahead[0];
-      const Group current_dy = dy_ahead[0];
-#pragma unroll
-      for (int a = 0; a + 1 < kRowsAhead; ++a) {
-        x_ahead[a] = x_ahead[a + 1];
-        dy_ahead[a] = dy_ahead[a + 1];
-      }
-      x_ahead[kRowsAhead - 1] = load_row(x, s, place, first_row + step + kRowsAhead, step + kRowsAhead < s.steps);
-      dy_ahead[kRowsAhead - 1] = load_dy(step + kRowsAhead);
+      const Group current = x_rows.take(step);
+      const Group current_dy = dy_rows.take(step);
       rows[slot] = current;
-      square_sums[slot] = square_row_sums<kBefore, kAfter, scalar_t>(current, s);
+      square_sums[slot] = square_row_sums<kBefore, kAfter, scalar_t>(current);
       if (step < kLag) {  // the same for every lane: T's window is not complete yet
         continue;
       }
@@ -113,7 +99,7 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<scalar_t, kSi
         g = 0;
       }
       p[slot] = dy_p;
-      g_sums[slot] = row_window_sums<kAfter, kBefore>(g, s);
+      g_sums[slot] = row_window_sums<kAfter, kBefore>(g);
 
       const int out_row = place.row0 + step - 2 * kLag;
       if (place.writes && step >= 2 * kLag && out_row < place.row_end) {
@@ -125,7 +111,7 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<scalar_t, kSi
         for (int e = 0; e < kColumns; ++e) {
           out.v[e] = static_cast<scalar_t>(gradient_of_input(k, out_p.v[e], out_values.v[e], g_sum.v[e]));
         }
-        *reinterpret_cast<Lanes<scalar_t, kColumns>*>(dx + int64_t{out_row} * s.width) = out;
+        *reinterpret_cast<Lanes<scalar_t, kColumns>*>(dx + out_row * s.width) = out;
       }
     }
   }

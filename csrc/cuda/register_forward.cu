@@ -48,12 +48,7 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks)
   const scalar_t* x = input + place.plane_offset;
   scalar_t* y = output + place.plane_offset;
   const int first_row = place.row0 - kTop;  // read at step 0
-
-  Group ahead[kRowsAhead];
-#pragma unroll
-  for (int a = 0; a < kRowsAhead; ++a) {
-    ahead[a] = load_row(x, s, place, first_row + a, a < s.steps);
-  }
+  RowQueue<scalar_t, kRowsAhead> queue(x, s, place, first_row);
   // The last kHeight rows read, row j of the band's in slot j % kHeight: as loaded (a row is
   // written kBottom steps after it is read) and their window sums along the row.
   Group rows[kHeight] = {};
@@ -65,14 +60,9 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks)
       if (step >= s.steps) {  // the same for every lane
         break;
       }
-      const Group current = ahead[0];
-#pragma unroll
-      for (int a = 0; a + 1 < kRowsAhead; ++a) {
-        ahead[a] = ahead[a + 1];
-      }
-      ahead[kRowsAhead - 1] = load_row(x, s, place, first_row + step + kRowsAhead, step + kRowsAhead < s.steps);
+      const Group current = queue.take(step);
       rows[slot] = current;
-      row_sums[slot] = square_row_sums<kLeft, kRight, scalar_t>(current, s);
+      row_sums[slot] = square_row_sums<kLeft, kRight, scalar_t>(current);
 
       const int out_row = place.row0 + step - (kHeight - 1);
       if (place.writes && step >= kHeight - 1 && out_row < place.row_end) {
@@ -90,7 +80,7 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks)
         if (missed) {
           out = outputs(ExactPowers()).first;
         }
-        *reinterpret_cast<Lanes<scalar_t, kColumns>*>(y + int64_t{out_row} * s.width) = out;
+        *reinterpret_cast<Lanes<scalar_t, kColumns>*>(y + out_row * s.width) = out;
       }
     }
   }

@@ -74,15 +74,54 @@ __device__ inline Place locate(const Segments& s) {
   return place;
 }
 
-// One row's group of kColumns values at a thread's columns; zeros where nothing is wanted, the
-// row lies outside the plane or the columns do. Offsets within a plane fit 32 bits (segments_for).
-template <typename scalar_t>
-__device__ inline Stored<scalar_t, kColumns> load_row(const scalar_t* __restrict__ plane, const Segments& s,
-                                                      const Place& place, int row, bool wanted) {
+// The groups of kColumns values at a thread's columns of a plane's rows, the row `row` at step 0
+// and one row further down each step, up to the segment's last step; each is loaded kAhead steps
+// before it is taken, so that that many loads are in flight. Zeros before step kFirstStep, for rows
+// outside the plane and where the columns lie outside it. Offsets within a plane fit 32 bits
+// (segments_for).
+template <typename scalar_t, int kAhead, int kFirstStep = 0>
+class RowQueue {
+ public:
   using Group = Stored<scalar_t, kColumns>;
-  return wanted && place.reads && row >= 0 && row < s.height ? *reinterpret_cast<const Group*>(plane + row * s.width)
-                                                             : Group(0);
-}
+
+  __device__ RowQueue(const scalar_t* __restrict__ plane, const Segments& s, const Place& place, int row)
+      : plane_(plane), s_(s), row_(row), reads_(place.reads) {
+#pragma unroll
+    for (int a = 0; a < kAhead; ++a) {
+      queue_[a] = load(a);
+    }
+  }
+
+  // The group of the row of this step, and the load of the row kAhead steps further down. Steps
+  // are taken in order, one a call.
+  __device__ Group take(int step) {
+    const Group taken = queue_[0];
+#pragma unroll
+    for (int a = 0; a + 1 < kAhead; ++a) {
+      queue_[a] = queue_[a + 1];
+    }
+    queue_[kAhead - 1] = load(step + kAhead);
+    return taken;
+  }
+
+ private:
+  __device__ bool wanted(int step) const {
+    const int row = row_ + step;
+    return reads_ && step >= kFirstStep && step < s_.steps && row >= 0 && row < s_.height;
+  }
+
+  __device__ const scalar_t* address(int step) const { return plane_ + (row_ + step) * s_.width; }
+
+  __device__ Group load(int step) const {
+    return wanted(step) ? *reinterpret_cast<const Group*>(address(step)) : Group(0);
+  }
+
+  const scalar_t* __restrict__ plane_;
+  const Segments& s_;  // the kernel's parameter: read where it lies, not copied to registers
+  int row_;            // at step 0
+  bool reads_;
+  Group queue_[kAhead];
+};
 
 // out[i] = terms[i] + ... + terms[i + kWindow - 1] for i < kCount, all indices known at compile
 // time so that the terms stay in registers. Windows go in chunks of consecutive ones (as in
@@ -118,14 +157,17 @@ __device__ inline void sliding_sums(const T (&terms)[kCount + kWindow - 1], T (&
 
 // The sums along the row of windows reaching kBefore columns before each of a thread's and
 // kAfter after it, of `values` and the values its neighbours in the segment lend. Every lane of
-// the warp must call it (shuffles).
+// the warp must call it (shuffles). The shuffles span the whole warp, whatever the segments'
+// width (no lane-count operand to set up each time): a segment's first and last lanes then take
+// values of the neighbouring segments' lanes, which reach only their sums at their far columns,
+// and no written output needs those (register_backward.cu's kHaloLanes).
 template <int kBefore, int kAfter, typename T>
-__device__ inline Lanes<T, kColumns> row_window_sums(const Lanes<T, kColumns>& values, const Segments& s) {
+__device__ inline Lanes<T, kColumns> row_window_sums(const Lanes<T, kColumns>& values) {
   static_assert(kBefore <= kColumns && kAfter <= kColumns, "a window reaches the neighbouring lanes' columns only");
   T terms[kColumns + kBefore + kAfter];
 #pragma unroll
   for (int j = 0; j < kBefore; ++j) {
-    terms[j] = __shfl_up_sync(kAllLanes, values.v[kColumns - kBefore + j], 1, s.lanes());
+    terms[j] = __shfl_up_sync(kAllLanes, values.v[kColumns - kBefore + j], 1);
   }
 #pragma unroll
   for (int j = 0; j < kColumns; ++j) {
@@ -133,7 +175,7 @@ __device__ inline Lanes<T, kColumns> row_window_sums(const Lanes<T, kColumns>& v
   }
 #pragma unroll
   for (int j = 0; j < kAfter; ++j) {
-    terms[kBefore + kColumns + j] = __shfl_down_sync(kAllLanes, values.v[j], 1, s.lanes());
+    terms[kBefore + kColumns + j] = __shfl_down_sync(kAllLanes, values.v[j], 1);
   }
   Lanes<T, kColumns> sums;
   sliding_sums<kBefore + kAfter + 1, kColumns>(terms, sums.v);
@@ -142,14 +184,13 @@ __device__ inline Lanes<T, kColumns> row_window_sums(const Lanes<T, kColumns>& v
 
 // The window sums along the row of the squares of a group of values (row_window_sums).
 template <int kBefore, int kAfter, typename scalar_t>
-__device__ inline Lanes<at::opmath_type<scalar_t>, kColumns> square_row_sums(const Stored<scalar_t, kColumns>& group,
-                                                                             const Segments& s) {
+__device__ inline Lanes<at::opmath_type<scalar_t>, kColumns> square_row_sums(const Stored<scalar_t, kColumns>& group) {
   Lanes<at::opmath_type<scalar_t>, kColumns> squares = widen<scalar_t, kColumns>(group);
 #pragma unroll
   for (int e = 0; e < kColumns; ++e) {
     squares.v[e] *= squares.v[e];
   }
-  return row_window_sums<kBefore, kAfter>(squares, s);
+  return row_window_sums<kBefore, kAfter>(squares);
 }
 
 // The window sum down the columns of a ring of the last kHeight rows' sums along the row, the
