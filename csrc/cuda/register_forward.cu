@@ -33,6 +33,11 @@ constexpr int kMinBlocks = 4;
 template <typename scalar_t>
 constexpr int kLargestWindow = sizeof(scalar_t) == 2 ? 6 : std::is_same_v<scalar_t, float> ? 5 : 0;
 constexpr int kRowsAhead = 2;      // loads in flight per thread ahead of the row it sums
+// Rows a prefetch into L2 takes at once (RowQueue): about 1 KB a segment of 32 lanes. On an H200
+// (32x64x112x112, 3x3) float32 took 67.5 us without prefetches, 60.8 with runs of 2 rows, 65.6 of
+// 4, 76.7 of 8; bfloat16 45.5 without, 41.4 with runs of 2, 38.8 of 4, 43.2 of 8.
+template <typename scalar_t>
+constexpr int kPrefetchRows = 8 / sizeof(scalar_t);
 constexpr int kHaloLanes = 1;      // the row sums of X^2 need a lane's neighbours only
 
 template <typename scalar_t, int kWidth, int kHeight>
@@ -48,7 +53,7 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks)
   const scalar_t* x = input + place.plane_offset;
   scalar_t* y = output + place.plane_offset;
   const int first_row = place.row0 - kTop;  // read at step 0
-  RowQueue<scalar_t, kRowsAhead> queue(x, s, place, first_row);
+  RowQueue<scalar_t, kRowsAhead, kPrefetchRows<scalar_t>> queue(x, s, place, first_row);
   // The last kHeight rows read, row j of the band's in slot j % kHeight: as loaded (a row is
   // written kBottom steps after it is read) and their window sums along the row.
   Group rows[kHeight] = {};
