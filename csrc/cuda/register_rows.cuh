@@ -84,18 +84,18 @@ __device__ inline Place locate(const Segments& s) {
 // segments walking down their bands at once are thousands: read a row at a time, DRAM serves them
 // at the speed of scattered requests, not of a stream (on an H200 a plain copy walking bands of
 // 112x112 bfloat16 planes a row at a time took 44 us, two rows at a time 35, four 30.5; a copy 27).
-// So the queue also asks L2 for the rows kPrefetchRows at a time (none where that is 0), a run of
-// memory each, well before their loads.
+// So the queue also asks L2 for the rows kPrefetchRows at a time, a run of memory each, well before
+// their loads.
 template <typename scalar_t, int kAhead, int kPrefetchRows, int kFirstStep = 0>
 class RowQueue {
+  static_assert(kAhead > 0 && kPrefetchRows > 0, "rows are loaded and prefetched ahead");
+
  public:
   using Group = Stored<scalar_t, kColumns>;
 
   __device__ RowQueue(const scalar_t* __restrict__ plane, const Segments& s, const Place& place, int row)
       : plane_(plane), s_(s), row_(row), reads_(place.reads) {
-    if constexpr (kPrefetchRows > 0) {
-      prefetch(0);
-    }
+    prefetch(0);
 #pragma unroll
     for (int a = 0; a < kAhead; ++a) {
       queue_[a] = load(a);
@@ -105,10 +105,8 @@ class RowQueue {
   // The group of the row of this step, and the load of the row kAhead steps further down. Steps
   // are taken in order, one a call.
   __device__ Group take(int step) {
-    if constexpr (kPrefetchRows > 0) {
-      if (step % kPrefetchRows == 0) {
-        prefetch(step + kPrefetchRows);
-      }
+    if (step % kPrefetchRows == 0) {
+      prefetch(step + kPrefetchRows);
     }
     const Group taken = queue_[0];
 #pragma unroll
