@@ -4,6 +4,7 @@
 // step along a row becomes one vector operation on kSize rows at once.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 #include <utility>
