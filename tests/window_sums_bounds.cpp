@@ -60,7 +60,7 @@ template <typename T>
 int check_all(std::mt19937& random) {
   int failures = 0;
   for (int64_t width = 1; width <= 70; ++width) {
-    for (int64_t window : {1, 2, 3, 8, 9, 16, 17, 18, 31, 40}) {
+    for (int64_t window : {1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 31, 40}) {
       const WindowExtent extent = spatialnorm::forward_extent(window);
       const WindowExtent mirrored = spatialnorm::mirrored(extent);
       // A whole plane of 19 rows, and a band in the middle of a taller one.

@@ -2,7 +2,7 @@
 //
 // Work is split into bands of rows of the (N*C) image planes, processed in parallel; each band
 // takes its window sums whole (window_sums.h), at a cost per element about the same for every
-// window past 16 columns and 8 rows. 16-bit types and float32 raise powers in float32 precision. Their
+// window past 10 columns and 8 rows. 16-bit types and float32 raise powers in float32 precision. Their
 // window sums, T and products are float32 first, and a band where any of them left float's
 // normal range is computed again with window sums, T and products in double (power.h), so that
 // nothing overflows or underflows where the exact result does not; float64 is double throughout.
