@@ -6,7 +6,8 @@ Times, in one process, forward and forward+backward of
   - compiled:  that composite under torch.compile
   - general:   ours at --beta nudged off the exponents with a fast power (whole numbers of
                quarters), so that it runs the general float32 power (log and exp)
-over kernel sizes and shapes, and reports medians with their spread, the ratios, the bytes each
+over kernel sizes and shapes (ours and general in alternating runs, so that their ratio holds on a
+machine whose speed drifts), and reports medians with their spread, the ratios, the bytes each
 implementation saves for backward (saved_tensors_hooks) and, where the device's allocator keeps
 statistics, the peak extra memory of forward+backward, and what share of a copy's memory
 bandwidth ours reaches (a copy of the input timed the same way). Prints a Markdown table and writes a CSV
@@ -73,42 +74,54 @@ def captured(fn):
     return graph
 
 
-def measure(fn, device, budget_s, min_runs=5, max_runs=200):
-    """Median and spread (min, max) in milliseconds, after warm-up, within about budget_s.
+def measure(fns, device, budget_s, min_runs=5, max_runs=200):
+    """For each of fns, the median and spread (min, max) in milliseconds, after warm-up, within
+    about budget_s, and the runs.
 
-    On CUDA each run is a replay of fn captured in a CUDA graph, timed by events around it, the
-    runs queued back to back with one synchronization at the end: the device's time, not the
-    host's. Launched one by one, a forward+backward through autograd costs the host more than
-    the device needs for small windows (H200, bfloat16 3x3 at 32x64x112x112: 0.20-0.34 ms
-    launched against about 0.12 ms of kernels), and the ratios to a copy would measure Python.
-    Where fn cannot be captured, its runs are launched and timed the same way.
+    The functions' runs alternate, so that a machine that slows down or speeds up while they run
+    (a shared one does, by 30% from one second to the next) does so for all of them alike: their
+    ratios are what the tables report. On CUDA each run is a replay of the function captured in a
+    CUDA graph, timed by events around it, the runs queued back to back with one synchronization
+    at the end: the device's time, not the host's. Launched one by one, a forward+backward through
+    autograd costs the host more than the device needs for small windows (H200, bfloat16 3x3 at
+    32x64x112x112: 0.20-0.34 ms launched against about 0.12 ms of kernels), and the ratios to a
+    copy would measure Python. Where a function cannot be captured, its runs are launched and
+    timed the same way.
     """
-    fn()
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    once = time.perf_counter() - start
-    runs = int(min(max_runs, max(min_runs, budget_s / max(once, 1e-6))))
-    if device.type == "cuda":
-        graph = captured(fn)
-        run = fn if graph is None else graph.replay
-        run()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(runs)]
-        for begin, end in events:
-            begin.record()
-            run()
-            end.record()
+    once = 0.0
+    for fn in fns:
+        fn()
         synchronize(device)
-        times = [begin.elapsed_time(end) for begin, end in events]
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        once += time.perf_counter() - start
+    runs = int(min(max_runs, max(min_runs, budget_s / max(once, 1e-6))))
+    times = [[] for _ in fns]
+    if device.type == "cuda":
+        graphs = [captured(fn) for fn in fns]
+        replays = [fn if graph is None else graph.replay for fn, graph in zip(fns, graphs)]
+        for replay in replays:
+            replay()
+        events = [[(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in fns]
+                  for _ in range(runs)]
+        for run_events in events:
+            for replay, (begin, end) in zip(replays, run_events):
+                begin.record()
+                replay()
+                end.record()
+        synchronize(device)
+        for run_events in events:
+            for fn_times, (begin, end) in zip(times, run_events):
+                fn_times.append(begin.elapsed_time(end))
     else:
-        times = []
         for _ in range(runs):
-            start = time.perf_counter()
-            fn()
-            synchronize(device)
-            times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times), min(times), max(times), runs
+            for fn, fn_times in zip(fns, times):
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                fn_times.append(1e3 * (time.perf_counter() - start))
+    return [(statistics.median(t), min(t), max(t), runs) for t in times]
 
 
 def saved_bytes(forward, x):
@@ -164,28 +177,35 @@ def run(args):
         # The memory-bound floor: a copy reads and writes the input once, as the forward does; the
         # backward moves 3 tensors more (reads X and dY, writes dX).
         with torch.no_grad():
-            copy_ms = measure(lambda: x.clone(), device, args.budget)[0]
+            copy_ms = measure([lambda: x.clone()], device, args.budget)[0][0]
         for k in args.kernels:
+            forwards, steps = {}, {}
             for name, fn in impls.items():
-                forward = lambda t, fn=fn: fn(t, k, k, beta=args.beta, **SETTINGS)  # noqa: E731
+                forwards[name] = lambda t, fn=fn: fn(t, k, k, beta=args.beta, **SETTINGS)  # noqa: E731
 
-                def step(forward=forward):
+                def step(forward=forwards[name]):
                     xg = x.detach().requires_grad_()
                     forward(xg).backward(dy)
 
+                steps[name] = step
+            # Ours and the general power side by side (their ratio is a bar); the composites, whose
+            # calls take up to a thousand times longer, apart.
+            groups = [["ours", "general"]] + [[name] for name in impls if name not in ("ours", "general")]
+            for group in groups:
                 with torch.no_grad():
-                    fwd = measure(lambda: forward(x), device, args.budget)
-                both = measure(step, device, args.budget)
-                rows.append(
-                    dict(
-                        shape="x".join(map(str, shape)), kernel=k, impl=name,
-                        forward_ms=fwd[0], forward_min_ms=fwd[1], forward_max_ms=fwd[2],
-                        fwd_bwd_ms=both[0], fwd_bwd_min_ms=both[1], fwd_bwd_max_ms=both[2], runs=fwd[3],
-                        saved_bytes=saved_bytes(forward, x), input_bytes=x.numel() * x.element_size(),
-                        peak_extra_bytes=peak_extra_bytes(step, device), copy_ms=copy_ms,
+                    fwds = measure([lambda f=forwards[name]: f(x) for name in group], device, args.budget)
+                boths = measure([steps[name] for name in group], device, args.budget)
+                for name, fwd, both in zip(group, fwds, boths):
+                    rows.append(
+                        dict(
+                            shape="x".join(map(str, shape)), kernel=k, impl=name,
+                            forward_ms=fwd[0], forward_min_ms=fwd[1], forward_max_ms=fwd[2],
+                            fwd_bwd_ms=both[0], fwd_bwd_min_ms=both[1], fwd_bwd_max_ms=both[2], runs=fwd[3],
+                            saved_bytes=saved_bytes(forwards[name], x), input_bytes=x.numel() * x.element_size(),
+                            peak_extra_bytes=peak_extra_bytes(steps[name], device), copy_ms=copy_ms,
+                        )
                     )
-                )
-                print(f"  {rows[-1]['shape']} k={k} {name}: fwd {fwd[0]:.3f} ms, fwd+bwd {both[0]:.3f} ms", flush=True)
+                    print(f"  {rows[-1]['shape']} k={k} {name}: fwd {fwd[0]:.3f} ms, fwd+bwd {both[0]:.3f} ms", flush=True)
     return rows
 
 
