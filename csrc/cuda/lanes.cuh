@@ -1,16 +1,20 @@
 // A few consecutive values of an image line in registers (Lanes), and the same values as they lie
 // in memory (Stored): 16-bit values travel in pairs in 32-bit words, so that a loaded group stays
 // packed until widen() turns it into the compute type with one or two bit operations per value
-// (as c10's 16-bit classes would not: each becomes a register of its own).
+// (as c10's 16-bit classes would not: each becomes a register of its own). Also whether a
+// launch's tensors let it load and store their rows' groups as one (rows_of_aligned_groups).
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <type_traits>
 
 namespace spatialnorm::cuda {
@@ -80,6 +84,17 @@ template <typename scalar_t, int kSize>
 __device__ inline Lanes<at::opmath_type<scalar_t>, kSize> load_widened(const scalar_t* __restrict__ p) {
   const Stored<scalar_t, kSize> stored = *reinterpret_cast<const Stored<scalar_t, kSize>*>(p);
   return widen<scalar_t, kSize>(stored);
+}
+
+// Whether rows `width` values long are whole groups of `group` values that start `alignment`-byte
+// aligned in every tensor: then each group can be loaded and stored as one.
+inline bool rows_of_aligned_groups(int64_t width, int64_t group, size_t alignment,
+                                   std::initializer_list<const at::Tensor*> tensors) {
+  bool aligned = width % group == 0;
+  for (const at::Tensor* t : tensors) {
+    aligned &= reinterpret_cast<uintptr_t>(t->const_data_ptr()) % alignment == 0;
+  }
+  return aligned;
 }
 
 }  // namespace spatialnorm::cuda

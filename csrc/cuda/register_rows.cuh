@@ -234,12 +234,7 @@ __device__ inline T column_window_sum(const T (&ring)[kHeight], int newest) {
 // every tensor.
 template <typename scalar_t>
 bool rows_of_groups(const PlaneShape& shape, std::initializer_list<const at::Tensor*> tensors) {
-  constexpr size_t kAlignment = alignof(Stored<scalar_t, kColumns>);
-  bool aligned = shape.width % kColumns == 0;
-  for (const at::Tensor* t : tensors) {
-    aligned &= reinterpret_cast<uintptr_t>(t->const_data_ptr()) % kAlignment == 0;
-  }
-  return aligned;
+  return rows_of_aligned_groups(shape.width, kColumns, alignof(Stored<scalar_t, kColumns>), tensors);
 }
 
 // Warps of `kernel` (launched in blocks of kSegmentBlockThreads) the current device holds at once.

@@ -473,11 +473,7 @@ std::optional<Launch<Passes>> plan(const PlaneShape& shape, Extents w, int group
 template <typename scalar_t, typename Run>
 void with_group_size(const PlaneShape& shape, std::initializer_list<const at::Tensor*> tensors, Run run) {
   constexpr int kGroup = 16 / sizeof(scalar_t);
-  bool aligned = shape.width % kGroup == 0;
-  for (const at::Tensor* t : tensors) {
-    aligned &= reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 == 0;
-  }
-  if (aligned) {
+  if (rows_of_aligned_groups(shape.width, kGroup, 16, tensors)) {
     run(std::integral_constant<int, kGroup>());
   } else {
     run(std::integral_constant<int, 1>());
