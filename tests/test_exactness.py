@@ -198,8 +198,9 @@ def test_square_windows_over_rows_of_groups_of_four(backend, dtype, size, genera
     """CUDA takes the forward and the gradient of small square windows over rows of whole groups
     of four values in registers (register_forward.cu, register_backward.cu), larger ones in tiles:
     planes 4 to 124 wide take segments of 4 to 32 lanes, one or several across a row, and bands of
-    up to 32 rows, a plane's last one shorter. Spikes, NaN and infinities stay in their windows; the
-    zero rows with delta 1e-8 and beta 5 make powers beyond float32's range."""
+    16 to 64 rows, a plane's last one shorter (or the whole plane, where it is shorter than that).
+    Spikes, NaN and infinities stay in their windows; the zero rows with delta 1e-8 and beta 5 make
+    powers beyond float32's range."""
     settings_ = [dict(alpha=1.0, beta=5.0, delta=1e-8), dict(alpha=30.0, beta=0.75, delta=1e-3), dict(alpha=1e-2, beta=-1.5, delta=1.0)]
     spikes = [10.0, float("nan"), float("inf")]
     for i, (height, width) in enumerate([(1, 4), (5, 8), (37, 24), (70, 56), (9, 112), (33, 124)]):
