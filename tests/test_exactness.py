@@ -172,7 +172,7 @@ def test_a_spike_changes_no_window_that_does_not_hold_it(backend, dtype, spike, 
 
 @pytest.mark.parametrize("backend", ["cpu", "cuda"], indirect=True)  # Metal's large windows: test_metal.py
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kernel", [(31, 20), (18, 33), (64, 5)])
+@pytest.mark.parametrize("kernel", [(13, 4), (31, 20), (18, 33), (64, 5)])
 @pytest.mark.parametrize(
     "settings_", [dict(alpha=1.0, beta=5.0, delta=1e-8), dict(alpha=30.0, beta=0.75, delta=1e-3), dict(alpha=1e-4, beta=-1.5, delta=1e3)]
 )
