@@ -65,10 +65,12 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<scalar_t, kSi
   // Rings: row j of the band's X, read at step j, in slot j % kSize as loaded, and its squares'
   // window sums along the row; the P of the row whose T step j makes, and its G's sums along the
   // mirrored window.
+  static_assert(!kRingsInShared<kSize>, "launched without shared memory");
+  unsigned char* no_shared = nullptr;
   Group rows[kSize] = {};
   Values p[kSize] = {};
-  Values square_sums[kSize] = {};
-  Values g_sums[kSize] = {};
+  ColumnWindowSums<Values, kSize> square_sums(no_shared);
+  ColumnWindowSums<Values, kSize> g_sums(no_shared);
   for (int base = 0; base < s.steps; base += kSize) {
 #pragma unroll
     for (int slot = 0; slot < kSize; ++slot) {
@@ -79,11 +81,11 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<scalar_t, kSi
       const Group current = x_rows.take(step);
       const Group current_dy = dy_rows.take(step);
       rows[slot] = current;
-      square_sums[slot] = square_row_sums<kBefore, kAfter, scalar_t>(current);
+      square_sums.push(slot, square_row_sums<kBefore, kAfter, scalar_t>(current));
       if (step < kLag) {  // the same for every lane: T's window is not complete yet
         continue;
       }
-      const Values sums = column_window_sum(square_sums, slot);
+      const Values sums = square_sums.window_sum(slot);
       const int t_row = first_row + step - kAfter;
       const Values values = widen<scalar_t, kColumns>(rows[(slot + kSize - kAfter) % kSize]);
       const Values dy_values = widen<scalar_t, kColumns>(current_dy);
@@ -104,11 +106,11 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<scalar_t, kSi
         g = 0;
       }
       p[slot] = dy_p;
-      g_sums[slot] = row_window_sums<kAfter, kBefore>(g);
+      g_sums.push(slot, row_window_sums<kAfter, kBefore>(g));
 
       const int out_row = place.row0 + step - 2 * kLag;
       if (place.writes && step >= 2 * kLag && out_row < place.row_end) {
-        const Values g_sum = column_window_sum(g_sums, slot);
+        const Values g_sum = g_sums.window_sum(slot);
         const Values out_values = widen<scalar_t, kColumns>(rows[(slot + 1) % kSize]);
         const Values& out_p = p[(slot + kSize - kBefore) % kSize];
         Lanes<scalar_t, kColumns> out;
@@ -135,7 +137,7 @@ bool backward_in_registers(const at::Tensor& dy, const at::Tensor& x, const at::
   with_window_size(settings.kernel_width, std::integer_sequence<int, 2, 3, 4, 5, 6>(), [&](auto size) {
     constexpr int kSize = decltype(size)::value;
     if constexpr (kSize <= kLargestWindow<scalar_t>) {
-      launched = launch_over_segments(register_backward_kernel<scalar_t, kSize>, shape, kHaloLanes, 2 * (kSize - 1), k,
+      launched = launch_over_segments(register_backward_kernel<scalar_t, kSize>, shape, kHaloLanes, 2 * (kSize - 1), 0, k,
                                       dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                       dx.mutable_data_ptr<scalar_t>());
     }

@@ -88,14 +88,16 @@ __device__ inline Place locate(const Segments& s) {
 // their loads.
 template <typename scalar_t, int kAhead, int kPrefetchRows, int kFirstStep = 0>
 class RowQueue {
-  static_assert(kAhead > 0 && kPrefetchRows > 0, "rows are loaded and prefetched ahead");
+  static_assert(kAhead > 0 && kPrefetchRows >= 0, "rows are loaded ahead");
 
  public:
   using Group = Stored<scalar_t, kColumns>;
 
   __device__ RowQueue(const scalar_t* __restrict__ plane, const Segments& s, const Place& place, int row)
       : plane_(plane), s_(s), row_(row), reads_(place.reads) {
-    prefetch(0);
+    if constexpr (kPrefetchRows > 0) {
+      prefetch(0);
+    }
 #pragma unroll
     for (int a = 0; a < kAhead; ++a) {
       queue_[a] = load(a);
@@ -105,8 +107,10 @@ class RowQueue {
   // The group of the row of this step, and the load of the row kAhead steps further down. Steps
   // are taken in order, one a call.
   __device__ Group take(int step) {
-    if (step % kPrefetchRows == 0) {
-      prefetch(step + kPrefetchRows);
+    if constexpr (kPrefetchRows > 0) {
+      if (step % kPrefetchRows == 0) {
+        prefetch(step + kPrefetchRows);
+      }
     }
     const Group taken = queue_[0];
 #pragma unroll
@@ -216,19 +220,134 @@ __device__ inline Lanes<at::opmath_type<scalar_t>, kColumns> square_row_sums(con
   return row_window_sums<kBefore, kAfter>(squares);
 }
 
-// The window sum down the columns of a ring of the last kHeight rows' sums along the row, the
-// newest in `newest`: oldest (top) row first, kHeight - 1 additions. Rings indexed by the step
-// modulo kHeight, with the loop over a ring's slots unrolled, keep every index known at compile
-// time; a ring took fewer registers than running partial sums shifted down at each row.
-template <int kHeight, typename T>
-__device__ inline T column_window_sum(const T (&ring)[kHeight], int newest) {
-  T sum = ring[(newest + 1) % kHeight];
-#pragma unroll
-  for (int i = 2; i <= kHeight; ++i) {
-    sum += ring[(newest + i) % kHeight];
+// A thread's own slots in its block's shared memory: slot j of thread t at j * kSegmentBlockThreads
+// + t, so that a warp's accesses to one slot are consecutive (16 bytes a lane: four wavefronts, no
+// bank conflict). No barrier: no thread reads another's slots.
+template <typename T>
+class ThreadSlots {
+ public:
+  __device__ explicit ThreadSlots(unsigned char* base) : base_(reinterpret_cast<T*>(base) + threadIdx.x) {}
+
+  __device__ T& operator[](int slot) const { return base_[slot * kSegmentBlockThreads]; }
+
+  static constexpr size_t bytes(int slots) { return sizeof(T) * slots * kSegmentBlockThreads; }
+
+ private:
+  T* base_;
+};
+
+// Windows up to this tall keep their rings in registers, with slots known at compile time (the
+// loop over a ring's slots unrolled); taller ones keep them in shared memory (ThreadSlots). On an
+// H200 (32x64x112x112 forward, float32 / bfloat16, us) the rings of 6x6 in registers took 75.3 /
+// 45.1 with two blocks a multiprocessor and none spilled, 7x7 76.7 / 52.0; in shared memory, four
+// blocks: 60.9 / 44.2 and 61.5 / 46.2. At 3x3 shared memory lost (62.5 / 41.5 against 60.6 / 39.9).
+constexpr int kRegisterRingsUpTo = 5;
+
+template <int kHeight>
+constexpr bool kRingsInShared = kHeight > kRegisterRingsUpTo;
+
+// kSlots values of a thread's: in registers, or from kRegisterRingsUpTo + 1 rows on in shared memory,
+// taken from `free_shared` (which moves past them).
+template <typename T, int kSlots, int kHeight>
+class Ring {
+ public:
+  __device__ explicit Ring(unsigned char*& free_shared) : shared_(free_shared) {
+    free_shared += shared_bytes();
   }
-  return sum;
-}
+
+  __device__ T& operator[](int slot) {
+    if constexpr (kRingsInShared<kHeight>) {
+      return shared_[slot];
+    } else {
+      return registers_[slot];
+    }
+  }
+
+  static constexpr size_t shared_bytes() { return kRingsInShared<kHeight> ? ThreadSlots<T>::bytes(kSlots) : 0; }
+
+ private:
+  ThreadSlots<T> shared_;
+  T registers_[kRingsInShared<kHeight> ? 1 : kSlots] = {};
+};
+
+// Window sums down the columns of rows pushed one a step: window_sum(slot) is the sum of the last
+// kHeight rows pushed. Steps go in blocks of kHeight, the slot (step % kHeight) known at compile
+// time where the caller unrolls a block. In registers, the sum is made from the ring of the rows,
+// oldest (top) first: kHeight - 1 additions. In shared memory, a window is the suffix of the block
+// before (made in place of its rows at the block's end) plus the prefix of the current one (van
+// Herk / Gil-Werman, as in line_passes.cuh): about three additions a step whatever the height.
+template <typename T, int kHeight>
+class ColumnWindowSums {
+ public:
+  __device__ explicit ColumnWindowSums(unsigned char*& free_shared) : ring_(free_shared) {}
+
+  __device__ void push(int slot, const T& row) {
+    ring_[slot] = row;
+    if constexpr (kRingsInShared<kHeight>) {
+      prefix_ = slot == 0 ? row : prefix_ + row;
+      if (slot == kHeight - 1) {
+        T suffix = row;
+#pragma unroll
+        for (int j = kHeight - 2; j >= 0; --j) {
+          suffix += ring_[j];
+          ring_[j] = suffix;
+        }
+      }
+    }
+  }
+
+  // Of the last kHeight rows pushed, the latest at `slot`.
+  __device__ T window_sum(int slot) {
+    if constexpr (kRingsInShared<kHeight>) {
+      return slot == kHeight - 1 ? prefix_ : ring_[(slot + 1) % kHeight] + prefix_;
+    } else {
+      T sum = ring_[(slot + 1) % kHeight];
+#pragma unroll
+      for (int i = 2; i <= kHeight; ++i) {
+        sum += ring_[(slot + i) % kHeight];
+      }
+      return sum;
+    }
+  }
+
+  static constexpr size_t shared_bytes() { return Ring<T, kHeight, kHeight>::shared_bytes(); }
+
+ private:
+  Ring<T, kHeight, kHeight> ring_;
+  T prefix_ = 0;
+};
+
+// Values pushed one a step (steps in blocks of kHeight, as above) and given back kDelay < kHeight
+// steps later. In registers a ring of kHeight slots known at compile time; in shared memory kDelay
+// slots taken in turn.
+template <typename T, int kHeight, int kDelay>
+class DelayLine {
+ public:
+  __device__ explicit DelayLine(unsigned char*& free_shared) : ring_(free_shared) {}
+
+  // The value pushed kDelay steps before this one.
+  __device__ T push(int slot, const T& value) {
+    if constexpr (kDelay == 0) {
+      return value;
+    } else if constexpr (kRingsInShared<kHeight>) {
+      const T delayed = ring_[next_];
+      ring_[next_] = value;
+      next_ = next_ + 1 == kDelay ? 0 : next_ + 1;
+      return delayed;
+    } else {
+      ring_[slot] = value;
+      return ring_[(slot + kHeight - kDelay) % kHeight];
+    }
+  }
+
+  static constexpr size_t shared_bytes() { return Ring<T, kSlots, kHeight>::shared_bytes(); }
+
+ private:
+  static_assert(kDelay < kHeight && (kDelay > 0 || !kRingsInShared<kHeight>), "a delay shorter than a window");
+  static constexpr int kSlots = kRingsInShared<kHeight> ? kDelay : kHeight;
+  Ring<T, kSlots, kHeight> ring_;
+  int next_ = 0;
+};
 
 // Whether rows of whole, aligned groups of kColumns values can be loaded and stored as one in
 // every tensor.
@@ -239,9 +358,9 @@ bool rows_of_groups(const PlaneShape& shape, std::initializer_list<const at::Ten
 
 // Warps of `kernel` (launched in blocks of kSegmentBlockThreads) the current device holds at once.
 template <typename Kernel>
-int64_t resident_warps(Kernel kernel) {
+int64_t resident_warps(Kernel kernel, size_t shared_bytes) {
   int blocks = 0, multiprocessors = 0, device = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kSegmentBlockThreads, 0));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kSegmentBlockThreads, shared_bytes));
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
   return int64_t{blocks} * multiprocessors * (kSegmentBlockThreads / 32);
@@ -308,16 +427,22 @@ inline std::optional<Segments> segments_for(const PlaneShape& shape, int halo_la
 }
 
 // Launches kernel(pointers..., segments, k) on the current stream over the planes cut into
-// segments (segments_for); false, launching nothing, where they cannot be.
+// segments (segments_for), with shared_bytes of dynamic shared memory a block; false, launching
+// nothing, where they cannot be.
 template <typename Kernel, typename Coefficients, typename... Pointers>
 bool launch_over_segments(Kernel kernel, const PlaneShape& shape, int halo_lanes, int rows_beyond,
-                          const Coefficients& k, Pointers... pointers) {
-  const std::optional<Segments> segments = segments_for(shape, halo_lanes, rows_beyond, resident_warps(kernel));
+                          size_t shared_bytes, const Coefficients& k, Pointers... pointers) {
+  if (shared_bytes > 48 * 1024) {  // beyond the default, a kernel must ask for it
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
+  }
+  const std::optional<Segments> segments =
+      segments_for(shape, halo_lanes, rows_beyond, resident_warps(kernel, shared_bytes));
   if (!segments) {
     return false;
   }
   const int64_t threads = int64_t{segments->count} << segments->lanes_log2;
-  kernel<<<(threads + kSegmentBlockThreads - 1) / kSegmentBlockThreads, kSegmentBlockThreads, 0,
+  kernel<<<(threads + kSegmentBlockThreads - 1) / kSegmentBlockThreads, kSegmentBlockThreads, shared_bytes,
            c10::cuda::getCurrentCUDAStream()>>>(pointers..., *segments, k);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;

@@ -10,9 +10,10 @@
 // makes G = dY*X*T^(-beta-1) over the tile and the mirrored window's halo, and P = dY*T^-beta over
 // the tile, then sums G over the mirrored windows of the tile. Windows whose halo would not fit
 // shared memory beside a tile, and the gradient's from 40 wide, take separable passes over whole
-// lines instead (line_passes.cuh), whose cost does not grow with the window. The forward and the
-// gradient of small square windows over rows of whole, aligned groups of four values run in
-// registers instead (register_forward.cu, register_backward.cu), with no shared memory.
+// lines instead (line_passes.cuh), whose cost does not grow with the window. The forward of square
+// windows up to 9x9 and the gradient of those up to 5x5, over rows of whole, aligned groups of four
+// values, run with their sums in registers instead (register_forward.cu, register_backward.cu): a
+// warp walks down a band of rows, with no barrier.
 #include "../spatial_norm.h"
 #include "coefficients.cuh"
 #include "line_passes.cuh"
