@@ -127,7 +127,7 @@ def test_compute_sanitizer_is_clean(tool):
         "    x = torch.randn(2, 3, 20, width, device='cuda', dtype=dtype); g = torch.randn_like(x)\n"
         "    sn.spatial_normalization(x, 5, 3); sn.spatial_normalization_gradient(g, x, 9, 6)\n"
         "    sn.spatial_normalization(x, 5); sn.spatial_normalization(x[:, :, :7], 2)\n"  # in registers
-        "    sn.spatial_normalization(x, 9)\n"  # rings in shared memory
+        "    sn.spatial_normalization(x, 9); sn.spatial_normalization(x, 13)\n"  # rings in shared memory
         "    sn.spatial_normalization_gradient(g, x, 3); sn.spatial_normalization_gradient(g[:, :, :7], x[:, :, :7], 2)\n"
         "torch.cuda.synchronize()\n"
     )

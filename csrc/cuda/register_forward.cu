@@ -1,18 +1,19 @@
-// The forward for square windows from 2x2 to 9x9 in float32, float16 and bfloat16 over planes
+// The forward for square windows from 2x2 to 17x17 in float32, float16 and bfloat16 over planes
 // whose rows are whole groups of four aligned values, with no barrier.
 //
 // A thread owns four consecutive columns of a plane and walks down a band of rows, one row per
 // step. It loads the row's four values once (16 bytes of float32, 8 of a 16-bit type), squares
 // them and keeps their window sums down the columns over the last kh rows (ColumnWindowSums);
 // those sums' window sums along the row, with the ones its neighbours lend it (warp shuffles: a
-// window reaches at most four columns beyond a thread's own), are the window sums of the row
-// kh - 1 steps up, whose output it then writes from that row's values, also kept (reading them
-// again, even from L1, left the warps waiting on the loads most of the time). Up to 5x5 the rows
-// are kept in registers; taller windows keep them in the thread's own slots of shared memory,
-// whose column sums go by blocks (register_rows.cuh). Threads side by side along a row form a
-// segment of a warp; its first and last lanes only lend their sums, so that every output has both
-// neighbours. Each sum is made of its own window's terms only, as everywhere in the package
-// (docs/definition.md, "Exactness").
+// window reaches at most eight columns, two lanes, beyond a thread's own), are the window sums of
+// the row kh - 1 steps up, whose output it then writes from that row's values, also kept (reading
+// them again, even from L1, left the warps waiting on the loads most of the time). Up to 5x5 the
+// rows are kept in registers; taller windows keep them in the thread's own slots of shared
+// memory, whose column sums go by blocks (register_rows.cuh). Threads side by side along a row
+// form a segment of a warp; the lanes at its ends that a window reaches past (one on each side up
+// to 9x9, two beyond) only lend their sums, so that every output has all its neighbours. Each sum
+// is made of its own window's terms only, as everywhere in the package (docs/definition.md,
+// "Exactness").
 #include "register_kernels.h"
 
 #include "powers.cuh"
@@ -27,18 +28,21 @@ namespace {
 // Four blocks per multiprocessor: 64 registers a thread. Without the bound the float32 5x5
 // forward took 77 registers and 82 us instead of 74 (H200, 32x64x112x112): fewer warps left the
 // loads' latency exposed. With the rings of tall windows in shared memory nothing spills up to
-// 9x9 (float32 8x8 and 9x9 take 44 and 52 KB a block). Past 9x9 a window reaches beyond a lane's
-// neighbours; float64 keeps to the tiles.
+// 17x17 (float32 9x9 takes 52 KB a block, 17x17 100 KB: two blocks). On an H200 (32x64x112x112,
+// float32 / bfloat16) the tiles took 78.0 / 66.6 us at 9x9 and 108.2 / 96.2 at 17x17, this
+// kernel 62.5 / 53.6 and 98.9 / 79.4. float64 keeps to the tiles.
 constexpr int kMinBlocks = 4;
 template <typename scalar_t>
-constexpr int kLargestWindow = std::is_same_v<at::opmath_type<scalar_t>, float> ? 9 : 0;
+constexpr int kLargestWindow = std::is_same_v<at::opmath_type<scalar_t>, float> ? 17 : 0;
 constexpr int kRowsAhead = 2;      // loads in flight per thread ahead of the row it sums
 // Rows a prefetch into L2 takes at once (RowQueue): about 1 KB a segment of 32 lanes. On an H200
 // (32x64x112x112, 3x3) float32 took 67.5 us without prefetches, 60.8 with runs of 2 rows, 65.6 of
 // 4, 76.7 of 8; bfloat16 45.5 without, 41.4 with runs of 2, 38.8 of 4, 43.2 of 8.
 template <typename scalar_t>
 constexpr int kPrefetchRows = 8 / sizeof(scalar_t);
-constexpr int kHaloLanes = 1;      // the sums along the row need a lane's neighbours only
+// Lanes on each side of a segment that only lend their column sums to the sums along the row.
+template <int kWidth>
+constexpr int kHaloLanes = lanes_reached(kWidth / 2);
 
 // Shared memory a block of the kernel below takes (its rings, for windows taller than
 // kRegisterRingsUpTo).
@@ -115,13 +119,13 @@ bool forward_in_registers(const at::Tensor& x, const at::Tensor& y, const PlaneS
     return false;
   }
   bool launched = false;
-  with_window_size(settings.kernel_width, std::integer_sequence<int, 2, 3, 4, 5, 6, 7, 8, 9>(), [&](auto size) {
+  using Sizes = std::make_integer_sequence<int, kLargestWindow<scalar_t> + 1>;  // 0 to the largest
+  with_window_size(settings.kernel_width, Sizes(), [&](auto size) {
     constexpr int kSize = decltype(size)::value;
-    if constexpr (kSize <= kLargestWindow<scalar_t>) {
-      launched = launch_over_segments(register_forward_kernel<scalar_t, kSize, kSize>, shape, kHaloLanes, kSize - 1,
-                                      shared_bytes<scalar_t, kSize>,
-                                      k,
-                                      x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>());
+    if constexpr (kSize >= 2) {
+      launched = launch_over_segments(register_forward_kernel<scalar_t, kSize, kSize>, shape, kHaloLanes<kSize>,
+                                      kSize - 1, shared_bytes<scalar_t, kSize>, k, x.const_data_ptr<scalar_t>(),
+                                      y.mutable_data_ptr<scalar_t>());
     }
   });
   return launched;

@@ -11,7 +11,7 @@
 namespace spatialnorm::cuda {
 
 // Writes the forward of x (contiguous) into y (contiguous) and returns true for square windows
-// from 2x2 to 9x9 in float32, float16 and bfloat16, over planes whose rows are whole,
+// from 2x2 to 17x17 in float32, float16 and bfloat16, over planes whose rows are whole,
 // aligned groups of four values (each plane under 2^31 elements); returns false and writes nothing
 // elsewhere.
 template <typename scalar_t>

@@ -182,19 +182,22 @@ __device__ inline void sliding_sums(const T (&terms)[kCount + kWindow - 1], T (&
   }
 }
 
+// The lanes beyond a thread's own that a window reaching `columns` columns past them takes.
+__host__ __device__ constexpr int lanes_reached(int columns) { return (columns + kColumns - 1) / kColumns; }
+
 // The sums along the row of windows reaching kBefore columns before each of a thread's and
 // kAfter after it, of `values` and the values its neighbours in the segment lend. Every lane of
 // the warp must call it (shuffles). The shuffles span the whole warp, whatever the segments'
-// width (no lane-count operand to set up each time): a segment's first and last lanes then take
-// values of the neighbouring segments' lanes, which reach only their sums at their far columns,
-// and no written output needs those (register_backward.cu's kHaloLanes).
+// width (no lane-count operand to set up each time): a segment's halo lanes then take values of
+// the neighbouring segment's lanes, which reach only their own sums, and no written output needs
+// those (halo_lanes >= lanes_reached of the window's reach).
 template <int kBefore, int kAfter, typename T>
 __device__ inline Lanes<T, kColumns> row_window_sums(const Lanes<T, kColumns>& values) {
-  static_assert(kBefore <= kColumns && kAfter <= kColumns, "a window reaches the neighbouring lanes' columns only");
   T terms[kColumns + kBefore + kAfter];
 #pragma unroll
   for (int j = 0; j < kBefore; ++j) {
-    terms[j] = __shfl_up_sync(kAllLanes, values.v[kColumns - kBefore + j], 1);
+    const int lanes = lanes_reached(kBefore - j);  // column j - kBefore of the thread's
+    terms[j] = __shfl_up_sync(kAllLanes, values.v[j - kBefore + lanes * kColumns], lanes);
   }
 #pragma unroll
   for (int j = 0; j < kColumns; ++j) {
@@ -202,7 +205,7 @@ __device__ inline Lanes<T, kColumns> row_window_sums(const Lanes<T, kColumns>& v
   }
 #pragma unroll
   for (int j = 0; j < kAfter; ++j) {
-    terms[kBefore + kColumns + j] = __shfl_down_sync(kAllLanes, values.v[j], 1);
+    terms[kBefore + kColumns + j] = __shfl_down_sync(kAllLanes, values.v[j % kColumns], j / kColumns + 1);
   }
   Lanes<T, kColumns> sums;
   sliding_sums<kBefore + kAfter + 1, kColumns>(terms, sums.v);
