@@ -88,16 +88,14 @@ __device__ inline Place locate(const Segments& s) {
 // their loads.
 template <typename scalar_t, int kAhead, int kPrefetchRows, int kFirstStep = 0>
 class RowQueue {
-  static_assert(kAhead > 0 && kPrefetchRows >= 0, "rows are loaded ahead");
+  static_assert(kAhead > 0 && kPrefetchRows > 0, "rows are loaded and prefetched ahead");
 
  public:
   using Group = Stored<scalar_t, kColumns>;
 
   __device__ RowQueue(const scalar_t* __restrict__ plane, const Segments& s, const Place& place, int row)
       : plane_(plane), s_(s), row_(row), reads_(place.reads) {
-    if constexpr (kPrefetchRows > 0) {
-      prefetch(0);
-    }
+    prefetch(0);
 #pragma unroll
     for (int a = 0; a < kAhead; ++a) {
       queue_[a] = load(a);
@@ -107,10 +105,8 @@ class RowQueue {
   // The group of the row of this step, and the load of the row kAhead steps further down. Steps
   // are taken in order, one a call.
   __device__ Group take(int step) {
-    if constexpr (kPrefetchRows > 0) {
-      if (step % kPrefetchRows == 0) {
-        prefetch(step + kPrefetchRows);
-      }
+    if (step % kPrefetchRows == 0) {
+      prefetch(step + kPrefetchRows);
     }
     const Group taken = queue_[0];
 #pragma unroll
@@ -249,8 +245,8 @@ constexpr int kRegisterRingsUpTo = 5;
 template <int kHeight>
 constexpr bool kRingsInShared = kHeight > kRegisterRingsUpTo;
 
-// kSlots values of a thread's: in registers, or from kRegisterRingsUpTo + 1 rows on in shared memory,
-// taken from `free_shared` (which moves past them).
+// kSlots values of a thread's: in registers, or for windows taller than kRegisterRingsUpTo in its
+// slots of shared memory, taken from `free_shared` (which moves past them).
 template <typename T, int kSlots, int kHeight>
 class Ring {
  public:
