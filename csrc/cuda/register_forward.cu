@@ -78,12 +78,7 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks)
       }
       const Group current = queue.take(step);
       const Group out_group = rows.push(slot, current);
-      Values squares = widen<scalar_t, kColumns>(current);
-#pragma unroll
-      for (int e = 0; e < kColumns; ++e) {
-        squares.v[e] *= squares.v[e];
-      }
-      column_sums.push(slot, squares);
+      column_sums.push(slot, squares_of<scalar_t>(current));
       if (step < kLag) {  // the same for every lane
         continue;
       }

@@ -208,15 +208,21 @@ __device__ inline Lanes<T, kColumns> row_window_sums(const Lanes<T, kColumns>& v
   return sums;
 }
 
-// The window sums along the row of the squares of a group of values (row_window_sums).
-template <int kBefore, int kAfter, typename scalar_t>
-__device__ inline Lanes<at::opmath_type<scalar_t>, kColumns> square_row_sums(const Stored<scalar_t, kColumns>& group) {
+// The squares of a group of values, in the compute type.
+template <typename scalar_t>
+__device__ inline Lanes<at::opmath_type<scalar_t>, kColumns> squares_of(const Stored<scalar_t, kColumns>& group) {
   Lanes<at::opmath_type<scalar_t>, kColumns> squares = widen<scalar_t, kColumns>(group);
 #pragma unroll
   for (int e = 0; e < kColumns; ++e) {
     squares.v[e] *= squares.v[e];
   }
-  return row_window_sums<kBefore, kAfter>(squares);
+  return squares;
+}
+
+// The window sums along the row of the squares of a group of values (row_window_sums).
+template <int kBefore, int kAfter, typename scalar_t>
+__device__ inline Lanes<at::opmath_type<scalar_t>, kColumns> square_row_sums(const Stored<scalar_t, kColumns>& group) {
+  return row_window_sums<kBefore, kAfter>(squares_of<scalar_t>(group));
 }
 
 // A thread's own slots in its block's shared memory: slot j of thread t at j * kSegmentBlockThreads
