@@ -433,16 +433,24 @@ inline std::optional<Segments> segments_for(const PlaneShape& shape, int halo_la
 
 // Launches kernel(pointers..., segments, k) on the current stream over the planes cut into
 // segments (segments_for), with shared_bytes of dynamic shared memory a block; false, launching
-// nothing, where they cannot be.
+// nothing, where they cannot be, or where the device offers a block less shared memory than that
+// (float32 17x17 takes 100 KB, sm_86 offers 99).
 template <typename Kernel, typename Coefficients, typename... Pointers>
 bool launch_over_segments(Kernel kernel, const PlaneShape& shape, int halo_lanes, int rows_beyond,
                           size_t shared_bytes, const Coefficients& k, Pointers... pointers) {
   if (shared_bytes > 48 * 1024) {  // beyond the default, a kernel must ask for it
+    int device = 0, per_block = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    if (shared_bytes > static_cast<size_t>(per_block)) {
+      return false;
+    }
     C10_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
   }
+  const int64_t warps = resident_warps(kernel, shared_bytes);
   const std::optional<Segments> segments =
-      segments_for(shape, halo_lanes, rows_beyond, resident_warps(kernel, shared_bytes));
+      warps > 0 ? segments_for(shape, halo_lanes, rows_beyond, warps) : std::nullopt;
   if (!segments) {
     return false;
   }
