@@ -65,12 +65,12 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<scalar_t, kSi
   // Rings: row j of the band's X, read at step j, in slot j % kSize as loaded, and its squares'
   // window sums along the row; the P of the row whose T step j makes, and its G's sums along the
   // mirrored window.
-  static_assert(!kRingsInShared<kSize>, "launched without shared memory");
-  unsigned char* no_shared = nullptr;
+  static_assert(!kRingsInShared<kSize>, "launched without shared memory: the rings are in registers");
+  unsigned char* unused_shared = nullptr;  // taken by rings in shared memory only
   Group rows[kSize] = {};
   Values p[kSize] = {};
-  ColumnWindowSums<Values, kSize> square_sums(no_shared);
-  ColumnWindowSums<Values, kSize> g_sums(no_shared);
+  ColumnWindowSums<Values, kSize> square_sums(unused_shared);
+  ColumnWindowSums<Values, kSize> g_sums(unused_shared);
   for (int base = 0; base < s.steps; base += kSize) {
 #pragma unroll
     for (int slot = 0; slot < kSize; ++slot) {

@@ -44,12 +44,19 @@ constexpr int kPrefetchRows = 8 / sizeof(scalar_t);
 template <int kWidth>
 constexpr int kHaloLanes = lanes_reached(kWidth / 2);
 
-// Shared memory a block of the kernel below takes (its rings, for windows taller than
-// kRegisterRingsUpTo).
+// A thread's rings: in shared memory for windows taller than kRegisterRingsUpTo, which a block
+// of the kernel below then takes shared_bytes() of.
 template <typename scalar_t, int kHeight>
-constexpr size_t shared_bytes =
-    ColumnWindowSums<Lanes<at::opmath_type<scalar_t>, kColumns>, kHeight>::shared_bytes() +
-    DelayLine<Stored<scalar_t, kColumns>, kHeight, (kHeight - 1) / 2>::shared_bytes();
+struct Rings {
+  ColumnWindowSums<Lanes<at::opmath_type<scalar_t>, kColumns>, kHeight> column_sums;  // of the squares
+  DelayLine<Stored<scalar_t, kColumns>, kHeight, (kHeight - 1) / 2> rows;  // written kBottom steps after read
+
+  __device__ explicit Rings(unsigned char*& free_shared) : column_sums(free_shared), rows(free_shared) {}
+
+  static constexpr size_t shared_bytes() {
+    return decltype(column_sums)::shared_bytes() + decltype(rows)::shared_bytes();
+  }
+};
 
 template <typename scalar_t, int kWidth, int kHeight>
 __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks)
@@ -67,8 +74,7 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks)
   RowQueue<scalar_t, kRowsAhead, kPrefetchRows<scalar_t>> queue(x, s, place, place.row0 - kTop);
   extern __shared__ __align__(16) unsigned char shared[];
   unsigned char* free_shared = shared;
-  ColumnWindowSums<Values, kHeight> column_sums(free_shared);  // of the squares
-  DelayLine<Group, kHeight, kBottom> rows(free_shared);  // a row is written kBottom steps after it is read
+  Rings<scalar_t, kHeight> rings(free_shared);
   for (int base = 0; base < s.steps; base += kHeight) {
 #pragma unroll
     for (int slot = 0; slot < kHeight; ++slot) {
@@ -77,12 +83,12 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks)
         break;
       }
       const Group current = queue.take(step);
-      const Group out_group = rows.push(slot, current);
-      column_sums.push(slot, squares_of<scalar_t>(current));
+      const Group out_group = rings.rows.push(slot, current);
+      rings.column_sums.push(slot, squares_of<scalar_t>(current));
       if (step < kLag) {  // the same for every lane
         continue;
       }
-      const Values sums = row_window_sums<kLeft, kRight>(column_sums.window_sum(slot));
+      const Values sums = row_window_sums<kLeft, kRight>(rings.column_sums.window_sum(slot));
       const int out_row = place.row0 + step - kLag;
       if (place.writes && out_row < place.row_end) {
         const Values values = widen<scalar_t, kColumns>(out_group);
@@ -119,7 +125,7 @@ bool forward_in_registers(const at::Tensor& x, const at::Tensor& y, const PlaneS
     constexpr int kSize = decltype(size)::value;
     if constexpr (kSize >= 2) {
       launched = launch_over_segments(register_forward_kernel<scalar_t, kSize, kSize>, shape, kHaloLanes<kSize>,
-                                      kSize - 1, shared_bytes<scalar_t, kSize>, k, x.const_data_ptr<scalar_t>(),
+                                      kSize - 1, Rings<scalar_t, kSize>::shared_bytes(), k, x.const_data_ptr<scalar_t>(),
                                       y.mutable_data_ptr<scalar_t>());
     }
   });

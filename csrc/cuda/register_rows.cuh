@@ -256,23 +256,31 @@ constexpr bool kRingsInShared = kHeight > kRegisterRingsUpTo;
 template <typename T, int kSlots, int kHeight>
 class Ring {
  public:
-  __device__ explicit Ring(unsigned char*& free_shared) : shared_(free_shared) {
-    free_shared += shared_bytes();
-  }
+  __device__ explicit Ring(unsigned char*& free_shared) : slots_(take(free_shared)) {}
 
-  __device__ T& operator[](int slot) {
-    if constexpr (kRingsInShared<kHeight>) {
-      return shared_[slot];
-    } else {
-      return registers_[slot];
-    }
-  }
+  __device__ T& operator[](int slot) { return slots_[slot]; }
 
   static constexpr size_t shared_bytes() { return kRingsInShared<kHeight> ? ThreadSlots<T>::bytes(kSlots) : 0; }
 
  private:
-  ThreadSlots<T> shared_;
-  T registers_[kRingsInShared<kHeight> ? 1 : kSlots] = {};
+  struct Registers {
+    T v[kSlots] = {};
+
+    __device__ T& operator[](int slot) { return v[slot]; }
+  };
+  using Slots = std::conditional_t<kRingsInShared<kHeight>, ThreadSlots<T>, Registers>;
+
+  __device__ static Slots take(unsigned char*& free_shared) {
+    if constexpr (kRingsInShared<kHeight>) {
+      const ThreadSlots<T> slots(free_shared);
+      free_shared += shared_bytes();
+      return slots;
+    } else {
+      return Registers{};
+    }
+  }
+
+  Slots slots_;
 };
 
 // Window sums down the columns of rows pushed one a step: window_sum(slot) is the sum of the last
@@ -376,7 +384,7 @@ int64_t resident_warps(Kernel kernel, size_t shared_bytes) {
 // plane's offsets or the indices would not fit 32 bits.
 //
 // Bands of kMinBandRows to kMaxBandRows rows, evened out over the plane, each reading rows_beyond
-// rows more: as tall as the waves of resident warps allow. A segment's warp takes about a step
+// rows more: as tall as the waves of resident warps (at least one) allow. A segment's warp takes about a step
 // per row it reads, so the launch takes about (waves of warps) x (rows a band reads) steps; the
 // fewest wins, ties the fewest bands. Tall bands read fewer halo rows, but a last wave that is
 // mostly empty leaves the GPU idle for as long as a full one (bfloat16 3x3 gradient on an H200,
@@ -406,7 +414,7 @@ inline std::optional<Segments> segments_for(const PlaneShape& shape, int halo_la
   for (int64_t tallest = kMaxBandRows; tallest >= kMinBandRows; --tallest) {
     const int64_t candidate_bands = (shape.height + tallest - 1) / tallest;
     const int64_t warps = (shape.planes * candidate_bands * fewest + 31) / 32;
-    const int64_t waves = (warps + resident_warps - 1) / std::max<int64_t>(resident_warps, 1);
+    const int64_t waves = (warps + resident_warps - 1) / resident_warps;
     const int64_t candidate_rows = (shape.height + candidate_bands - 1) / candidate_bands;
     const int64_t steps = waves * (candidate_rows + rows_beyond);
     if (steps < least_steps) {
