@@ -1,5 +1,5 @@
-// The gradient for the common windows (square, small: kLargestWindow) over planes whose rows are
-// whole groups of four aligned values, with no shared memory and no barrier: the design of
+// The gradient for square windows from 2x2 to 9x9 in float32, float16 and bfloat16 over planes
+// whose rows are whole groups of four aligned values, with no barrier: the design of
 // register_forward.cu, carried one sum further.
 //
 // dX = dY*P - c*X*M(G) with P = T^-beta and G = dY*X*T^(-beta-1) (docs/definition.md). A thread
@@ -8,9 +8,10 @@
 // give T of the row kBottom steps up. That row's dY (loaded with a lag of kBottom rows) and X (kept
 // since it was read) give its G and P; G's sums along the mirrored window, again by shuffles, and
 // the last kh rows of them give M(G) of the row kTop steps further up, which is written with the P
-// and X kept for it. X is read once and dY once; a thread's rows of X, T's and M(G)'s row sums
-// and P stay in registers for as many steps as the windows reach. G is taken as 0 outside the
-// plane, whatever T is there; a segment's first and last lanes only lend (see kHaloLanes).
+// and X kept for it. X is read once and dY once; a thread keeps its rows of X, T's and M(G)'s row
+// sums and P for as many steps as the windows reach: in registers up to 5x5, in its own slots of
+// shared memory beyond (register_rows.cuh). G is taken as 0 outside the plane, whatever T is
+// there; the lanes at a segment's ends only lend (see kHaloLanes).
 #include "register_kernels.h"
 
 #include "powers.cuh"
@@ -22,15 +23,9 @@
 namespace spatialnorm::cuda {
 namespace {
 
-// Blocks per multiprocessor the registers must admit: three (80 registers a thread) where the
-// rings fit them without spilling, else two (128).
-template <typename scalar_t, int kSize>
-constexpr int kMinBlocks = (sizeof(scalar_t) == 2 ? kSize <= 3 : kSize <= 2) ? 3 : 2;
-// Up to 5x5 in float32, float16 and bfloat16 (past that a lane's T and G need more than one
-// neighbour; at 5x5 float32 spills 96 bytes and still takes 123 us against the tiles' 179 on an
-// H200, 32x64x112x112); float64 keeps to the tiles.
+// Up to 9x9 in float32, float16 and bfloat16; float64 keeps to the tiles.
 template <typename scalar_t>
-constexpr int kLargestWindow = std::is_same_v<at::opmath_type<scalar_t>, float> ? 5 : 0;
+constexpr int kLargestWindow = std::is_same_v<at::opmath_type<scalar_t>, float> ? 9 : 0;
 // Loads of X and of dY in flight per thread ahead of the row it sums (three: no faster, more
 // registers).
 constexpr int kRowsAhead = 2;
@@ -39,13 +34,46 @@ constexpr int kRowsAhead = 2;
 // runs of 4 rows (runs of 2: 87.3/99.6/101.3/119.3); bfloat16 64.1/68.4/84.9/87.7 without,
 // 61.8/71.7/76.7/89.7 with runs of 4 (of 2: 65.9/73.4/81.9/91.1).
 constexpr int kPrefetchRows = 4;
-// M(G) needs the G of a lane's neighbours, but only at their kAfter (left) or kBefore (right)
-// columns nearest to it, whose T needs no squares beyond that neighbour's and the lane's own while
-// the window spans at most kColumns + 1 columns: one halo lane on each side is enough.
-constexpr int kHaloLanes = 1;
+// M(G) at a lane's columns needs G up to kSize / 2 columns beyond them, and that G needs T, so
+// the squares, as far again: the lanes within twice the reach only lend.
+template <int kSize>
+constexpr int kHaloLanes = lanes_reached(2 * (kSize / 2));
+
+// A thread's rings: X of the rows read, until their outputs are written; P, until its row's M(G)
+// is complete; the column sums of the squares' row sums (T) and of G's. In shared memory for
+// windows taller than kRegisterRingsUpTo, which a block of the kernel below then takes
+// shared_bytes() of.
+template <typename scalar_t, int kSize>
+struct Rings {
+  using Values = Lanes<at::opmath_type<scalar_t>, kColumns>;
+  History<Stored<scalar_t, kColumns>, kSize, kSize - 1> x;
+  History<Values, kSize, kSize / 2> p;
+  ColumnWindowSums<Values, kSize> square_sums;
+  ColumnWindowSums<Values, kSize> g_sums;
+
+  __device__ explicit Rings(unsigned char*& free_shared)
+      : x(free_shared), p(free_shared), square_sums(free_shared), g_sums(free_shared) {}
+
+  static constexpr size_t shared_bytes() {
+    return decltype(x)::shared_bytes() + decltype(p)::shared_bytes() + decltype(square_sums)::shared_bytes() +
+           decltype(g_sums)::shared_bytes();
+  }
+
+  // Blocks per multiprocessor the registers must admit: with the rings in registers three (80
+  // registers a thread) where they fit without spilling, else two (128); in shared memory as many
+  // as its 228 KB hold (1 KB of them reserved a block), at most three.
+  static constexpr int min_blocks() {
+    if constexpr (kRingsInShared<kSize>) {
+      const size_t blocks = 228 * 1024 / (shared_bytes() + 1024);
+      return blocks < 1 ? 1 : blocks > 3 ? 3 : static_cast<int>(blocks);
+    } else {
+      return (sizeof(scalar_t) == 2 ? kSize <= 3 : kSize <= 2) ? 3 : 2;
+    }
+  }
+};
 
 template <typename scalar_t, int kSize>
-__global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<scalar_t, kSize>)
+__global__ void __launch_bounds__(kSegmentBlockThreads, Rings<scalar_t, kSize>::min_blocks())
     register_backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
                              scalar_t* __restrict__ grad_input, Segments s, Coefficients<at::opmath_type<scalar_t>> k) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -53,7 +81,6 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<scalar_t, kSi
   using Values = Lanes<opmath_t, kColumns>;
   constexpr int kBefore = kSize / 2, kAfter = (kSize - 1) / 2;  // W's extent; M's is its mirror image
   constexpr int kLag = kSize - 1;                                 // steps from reading a row to writing it
-  static_assert(kSize <= kColumns + 1, "one halo lane on each side (kHaloLanes)");
   const Place place = locate(s);
   const scalar_t* x = input + place.plane_offset;
   const scalar_t* dy = grad_output + place.plane_offset;
@@ -62,15 +89,9 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<scalar_t, kSi
   RowQueue<scalar_t, kRowsAhead, kPrefetchRows> x_rows(x, s, place, first_row);
   // dY of the row whose T a step makes, from the first that makes one.
   RowQueue<scalar_t, kRowsAhead, kPrefetchRows, kLag> dy_rows(dy, s, place, first_row - kAfter);
-  // Rings: row j of the band's X, read at step j, in slot j % kSize as loaded, and its squares'
-  // window sums along the row; the P of the row whose T step j makes, and its G's sums along the
-  // mirrored window.
-  static_assert(!kRingsInShared<kSize>, "launched without shared memory: the rings are in registers");
-  unsigned char* unused_shared = nullptr;  // taken by rings in shared memory only
-  Group rows[kSize] = {};
-  Values p[kSize] = {};
-  ColumnWindowSums<Values, kSize> square_sums(unused_shared);
-  ColumnWindowSums<Values, kSize> g_sums(unused_shared);
+  extern __shared__ __align__(16) unsigned char shared[];
+  unsigned char* free_shared = shared;
+  Rings<scalar_t, kSize> rings(free_shared);
   for (int base = 0; base < s.steps; base += kSize) {
 #pragma unroll
     for (int slot = 0; slot < kSize; ++slot) {
@@ -80,14 +101,16 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<scalar_t, kSi
       }
       const Group current = x_rows.take(step);
       const Group current_dy = dy_rows.take(step);
-      rows[slot] = current;
-      square_sums.push(slot, square_row_sums<kBefore, kAfter, scalar_t>(current));
+      const Group t_group = rings.x.before(slot, kAfter, current);
+      const Group out_group = rings.x.before(slot, kLag, current);
+      rings.x.push(slot, current);
+      rings.square_sums.push(slot, square_row_sums<kBefore, kAfter, scalar_t>(current));
       if (step < kLag) {  // the same for every lane: T's window is not complete yet
         continue;
       }
-      const Values sums = square_sums.window_sum(slot);
+      const Values sums = rings.square_sums.window_sum(slot);
       const int t_row = first_row + step - kAfter;
-      const Values values = widen<scalar_t, kColumns>(rows[(slot + kSize - kAfter) % kSize]);
+      const Values values = widen<scalar_t, kColumns>(t_group);
       const Values dy_values = widen<scalar_t, kColumns>(current_dy);
       Values g, dy_p;
       const auto make_terms = [&](auto powers) {
@@ -105,14 +128,14 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<scalar_t, kSi
       if (!place.reads || t_row < 0 || t_row >= s.height) {
         g = 0;
       }
-      p[slot] = dy_p;
-      g_sums.push(slot, row_window_sums<kAfter, kBefore>(g));
+      const Values out_p = rings.p.before(slot, kBefore, dy_p);
+      rings.p.push(slot, dy_p);
+      rings.g_sums.push(slot, row_window_sums<kAfter, kBefore>(g));
 
       const int out_row = place.row0 + step - 2 * kLag;
       if (place.writes && step >= 2 * kLag && out_row < place.row_end) {
-        const Values g_sum = g_sums.window_sum(slot);
-        const Values out_values = widen<scalar_t, kColumns>(rows[(slot + 1) % kSize]);
-        const Values& out_p = p[(slot + kSize - kBefore) % kSize];
+        const Values g_sum = rings.g_sums.window_sum(slot);
+        const Values out_values = widen<scalar_t, kColumns>(out_group);
         Lanes<scalar_t, kColumns> out;
 #pragma unroll
         for (int e = 0; e < kColumns; ++e) {
@@ -134,10 +157,12 @@ bool backward_in_registers(const at::Tensor& dy, const at::Tensor& x, const at::
     return false;
   }
   bool launched = false;
-  with_window_size(settings.kernel_width, std::integer_sequence<int, 2, 3, 4, 5, 6>(), [&](auto size) {
+  using Sizes = std::make_integer_sequence<int, kLargestWindow<scalar_t> + 1>;  // 0 to the largest
+  with_window_size(settings.kernel_width, Sizes(), [&](auto size) {
     constexpr int kSize = decltype(size)::value;
-    if constexpr (kSize <= kLargestWindow<scalar_t>) {
-      launched = launch_over_segments(register_backward_kernel<scalar_t, kSize>, shape, kHaloLanes, 2 * (kSize - 1), 0, k,
+    if constexpr (kSize >= 2) {
+      launched = launch_over_segments(register_backward_kernel<scalar_t, kSize>, shape, kHaloLanes<kSize>,
+                                      2 * (kSize - 1), Rings<scalar_t, kSize>::shared_bytes(), k,
                                       dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                       dx.mutable_data_ptr<scalar_t>());
     }

@@ -49,7 +49,7 @@ constexpr int kHaloLanes = lanes_reached(kWidth / 2);
 template <typename scalar_t, int kHeight>
 struct Rings {
   ColumnWindowSums<Lanes<at::opmath_type<scalar_t>, kColumns>, kHeight> column_sums;  // of the squares
-  DelayLine<Stored<scalar_t, kColumns>, kHeight, (kHeight - 1) / 2> rows;  // written kBottom steps after read
+  History<Stored<scalar_t, kColumns>, kHeight, (kHeight - 1) / 2> rows;  // written kBottom steps after read
 
   __device__ explicit Rings(unsigned char*& free_shared) : column_sums(free_shared), rows(free_shared) {}
 
@@ -83,7 +83,8 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks)
         break;
       }
       const Group current = queue.take(step);
-      const Group out_group = rings.rows.push(slot, current);
+      const Group out_group = rings.rows.before(slot, kBottom, current);
+      rings.rows.push(slot, current);
       rings.column_sums.push(slot, squares_of<scalar_t>(current));
       if (step < kLag) {  // the same for every lane
         continue;

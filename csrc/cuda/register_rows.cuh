@@ -251,8 +251,9 @@ constexpr int kRegisterRingsUpTo = 5;
 template <int kHeight>
 constexpr bool kRingsInShared = kHeight > kRegisterRingsUpTo;
 
-// kSlots values of a thread's: in registers, or for windows taller than kRegisterRingsUpTo in its
-// slots of shared memory, taken from `free_shared` (which moves past them).
+// kSlots values of a thread's, zeros at first: in registers, or for windows taller than
+// kRegisterRingsUpTo in its slots of shared memory, taken from `free_shared` (which moves past
+// them).
 template <typename T, int kSlots, int kHeight>
 class Ring {
  public:
@@ -274,6 +275,10 @@ class Ring {
     if constexpr (kRingsInShared<kHeight>) {
       const ThreadSlots<T> slots(free_shared);
       free_shared += shared_bytes();
+#pragma unroll
+      for (int j = 0; j < kSlots; ++j) {
+        slots[j] = T(0);
+      }
       return slots;
     } else {
       return Registers{};
@@ -330,36 +335,44 @@ class ColumnWindowSums {
   T prefix_ = 0;
 };
 
-// Values pushed one a step (steps in blocks of kHeight, as above) and given back kDelay < kHeight
-// steps later. In registers a ring of kHeight slots known at compile time; in shared memory kDelay
-// slots taken in turn.
-template <typename T, int kHeight, int kDelay>
-class DelayLine {
+// Values pushed one a step (steps in blocks of kHeight, as above), each read back up to kDepth <
+// kHeight steps later. In registers a ring of kHeight slots known at compile time; in shared
+// memory kDepth slots taken in turn, the oldest overwritten by the push that follows the reads.
+template <typename T, int kHeight, int kDepth>
+class History {
  public:
-  __device__ explicit DelayLine(unsigned char*& free_shared) : ring_(free_shared) {}
+  __device__ explicit History(unsigned char*& free_shared) : ring_(free_shared) {}
 
-  // The value pushed kDelay steps before this one.
-  __device__ T push(int slot, const T& value) {
-    if constexpr (kDelay == 0) {
-      return value;
-    } else if constexpr (kRingsInShared<kHeight>) {
-      const T delayed = ring_[next_];
-      ring_[next_] = value;
-      next_ = next_ + 1 == kDelay ? 0 : next_ + 1;
-      return delayed;
+  // The value `steps` (0 to kDepth) steps before `next`, this step's value, which is pushed after
+  // the step's reads.
+  __device__ T before(int slot, int steps, const T& next) {
+    if (steps == 0) {
+      return next;
+    }
+    if constexpr (kRingsInShared<kHeight>) {
+      const int i = oldest_ + kDepth - steps;
+      return ring_[i < kDepth ? i : i - kDepth];
+    } else {
+      return ring_[(slot + kHeight - steps) % kHeight];
+    }
+  }
+
+  __device__ void push(int slot, const T& value) {
+    if constexpr (kRingsInShared<kHeight>) {
+      ring_[oldest_] = value;
+      oldest_ = oldest_ + 1 == kDepth ? 0 : oldest_ + 1;
     } else {
       ring_[slot] = value;
-      return ring_[(slot + kHeight - kDelay) % kHeight];
     }
   }
 
   static constexpr size_t shared_bytes() { return Ring<T, kSlots, kHeight>::shared_bytes(); }
 
  private:
-  static_assert(kDelay < kHeight && (kDelay > 0 || !kRingsInShared<kHeight>), "a delay shorter than a window");
-  static constexpr int kSlots = kRingsInShared<kHeight> ? kDelay : kHeight;
+  static_assert(kDepth < kHeight && (kDepth > 0 || !kRingsInShared<kHeight>), "a history shorter than a window");
+  static constexpr int kSlots = kRingsInShared<kHeight> ? kDepth : kHeight;
   Ring<T, kSlots, kHeight> ring_;
-  int next_ = 0;
+  int oldest_ = 0;  // the slot pushed kDepth steps before (shared memory)
 };
 
 // Whether rows of whole, aligned groups of kColumns values can be loaded and stored as one in
