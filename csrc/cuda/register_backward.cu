@@ -39,17 +39,21 @@ constexpr int kPrefetchRows = 4;
 template <int kSize>
 constexpr int kHaloLanes = lanes_reached(2 * (kSize / 2));
 
+// Where a thread's rings lie: in registers up to kRegisterRingsUpTo, in shared memory beyond.
+constexpr int kRegisterRingsUpTo = 5;
+template <int kSize>
+constexpr Storage kRingsIn = kSize <= kRegisterRingsUpTo ? Storage::kRegisters : Storage::kShared;
+
 // A thread's rings: X of the rows read, until their outputs are written; P, until its row's M(G)
-// is complete; the column sums of the squares' row sums (T) and of G's. In shared memory for
-// windows taller than kRegisterRingsUpTo, which a block of the kernel below then takes
-// shared_bytes() of.
+// is complete; the column sums of the squares' row sums (T) and of G's. A block of the kernel
+// below takes shared_bytes() of shared memory.
 template <typename scalar_t, int kSize>
 struct Rings {
   using Values = Lanes<at::opmath_type<scalar_t>, kColumns>;
-  History<Stored<scalar_t, kColumns>, kSize, kSize - 1> x;
-  History<Values, kSize, kSize / 2> p;
-  ColumnWindowSums<Values, kSize> square_sums;
-  ColumnWindowSums<Values, kSize> g_sums;
+  History<Stored<scalar_t, kColumns>, kSize, kSize - 1, kRingsIn<kSize>> x;
+  History<Values, kSize, kSize / 2, kRingsIn<kSize>> p;
+  ColumnWindowSums<Values, kSize, kRingsIn<kSize>> square_sums;
+  ColumnWindowSums<Values, kSize, kRingsIn<kSize>> g_sums;
 
   __device__ explicit Rings(unsigned char*& free_shared)
       : x(free_shared), p(free_shared), square_sums(free_shared), g_sums(free_shared) {}
@@ -63,7 +67,7 @@ struct Rings {
   // registers a thread) where they fit without spilling, else two (128); in shared memory as many
   // as its 228 KB hold (1 KB of them reserved a block), at most three.
   static constexpr int min_blocks() {
-    if constexpr (kRingsInShared<kSize>) {
+    if constexpr (kRingsIn<kSize> == Storage::kShared) {
       const size_t blocks = 228 * 1024 / (shared_bytes() + 1024);
       return blocks < 1 ? 1 : blocks > 3 ? 3 : static_cast<int>(blocks);
     } else {

@@ -241,27 +241,21 @@ class ThreadSlots {
   T* base_;
 };
 
-// Windows up to this tall keep their rings in registers, with slots known at compile time (the
-// loop over a ring's slots unrolled); taller ones keep them in shared memory (ThreadSlots). On an
-// H200 (32x64x112x112 forward, float32 / bfloat16, us) the rings of 6x6 in registers took 75.3 /
-// 45.1 with two blocks a multiprocessor and none spilled, 7x7 76.7 / 52.0; in shared memory, four
-// blocks: 60.9 / 44.2 and 61.5 / 46.2. At 3x3 shared memory lost (62.5 / 41.5 against 60.6 / 39.9).
-constexpr int kRegisterRingsUpTo = 5;
+// Where a thread's rings lie: in registers, with slots known at compile time (the loop over a
+// ring's slots unrolled), or in its slots of shared memory (ThreadSlots), which tall windows need
+// (each kernel says from which height).
+enum class Storage { kRegisters, kShared };
 
-template <int kHeight>
-constexpr bool kRingsInShared = kHeight > kRegisterRingsUpTo;
-
-// kSlots values of a thread's, zeros at first: in registers, or for windows taller than
-// kRegisterRingsUpTo in its slots of shared memory, taken from `free_shared` (which moves past
-// them).
-template <typename T, int kSlots, int kHeight>
+// kSlots values of a thread's, zeros at first, in registers or in its slots of shared memory, taken
+// from `free_shared` (which moves past them).
+template <typename T, int kSlots, Storage kIn>
 class Ring {
  public:
   __device__ explicit Ring(unsigned char*& free_shared) : slots_(take(free_shared)) {}
 
   __device__ T& operator[](int slot) { return slots_[slot]; }
 
-  static constexpr size_t shared_bytes() { return kRingsInShared<kHeight> ? ThreadSlots<T>::bytes(kSlots) : 0; }
+  static constexpr size_t shared_bytes() { return kIn == Storage::kShared ? ThreadSlots<T>::bytes(kSlots) : 0; }
 
  private:
   struct Registers {
@@ -269,10 +263,10 @@ class Ring {
 
     __device__ T& operator[](int slot) { return v[slot]; }
   };
-  using Slots = std::conditional_t<kRingsInShared<kHeight>, ThreadSlots<T>, Registers>;
+  using Slots = std::conditional_t<kIn == Storage::kShared, ThreadSlots<T>, Registers>;
 
   __device__ static Slots take(unsigned char*& free_shared) {
-    if constexpr (kRingsInShared<kHeight>) {
+    if constexpr (kIn == Storage::kShared) {
       const ThreadSlots<T> slots(free_shared);
       free_shared += shared_bytes();
 #pragma unroll
@@ -294,14 +288,14 @@ class Ring {
 // oldest (top) first: kHeight - 1 additions. In shared memory, a window is the suffix of the block
 // before (made in place of its rows at the block's end) plus the prefix of the current one (van
 // Herk / Gil-Werman, as in line_passes.cuh): about three additions a step whatever the height.
-template <typename T, int kHeight>
+template <typename T, int kHeight, Storage kIn>
 class ColumnWindowSums {
  public:
   __device__ explicit ColumnWindowSums(unsigned char*& free_shared) : ring_(free_shared) {}
 
   __device__ void push(int slot, const T& row) {
     ring_[slot] = row;
-    if constexpr (kRingsInShared<kHeight>) {
+    if constexpr (kIn == Storage::kShared) {
       prefix_ = slot == 0 ? row : prefix_ + row;
       if (slot == kHeight - 1) {
         T suffix = row;
@@ -316,7 +310,7 @@ class ColumnWindowSums {
 
   // Of the last kHeight rows pushed, the latest at `slot`.
   __device__ T window_sum(int slot) {
-    if constexpr (kRingsInShared<kHeight>) {
+    if constexpr (kIn == Storage::kShared) {
       return slot == kHeight - 1 ? prefix_ : ring_[(slot + 1) % kHeight] + prefix_;
     } else {
       T sum = ring_[(slot + 1) % kHeight];
@@ -328,17 +322,17 @@ class ColumnWindowSums {
     }
   }
 
-  static constexpr size_t shared_bytes() { return Ring<T, kHeight, kHeight>::shared_bytes(); }
+  static constexpr size_t shared_bytes() { return Ring<T, kHeight, kIn>::shared_bytes(); }
 
  private:
-  Ring<T, kHeight, kHeight> ring_;
+  Ring<T, kHeight, kIn> ring_;
   T prefix_ = 0;
 };
 
 // Values pushed one a step (steps in blocks of kHeight, as above), each read back up to kDepth <
 // kHeight steps later. In registers a ring of kHeight slots known at compile time; in shared
 // memory kDepth slots taken in turn, the oldest overwritten by the push that follows the reads.
-template <typename T, int kHeight, int kDepth>
+template <typename T, int kHeight, int kDepth, Storage kIn>
 class History {
  public:
   __device__ explicit History(unsigned char*& free_shared) : ring_(free_shared) {}
@@ -349,7 +343,7 @@ class History {
     if (steps == 0) {
       return next;
     }
-    if constexpr (kRingsInShared<kHeight>) {
+    if constexpr (kIn == Storage::kShared) {
       const int i = oldest_ + kDepth - steps;
       return ring_[i < kDepth ? i : i - kDepth];
     } else {
@@ -358,7 +352,7 @@ class History {
   }
 
   __device__ void push(int slot, const T& value) {
-    if constexpr (kRingsInShared<kHeight>) {
+    if constexpr (kIn == Storage::kShared) {
       ring_[oldest_] = value;
       oldest_ = oldest_ + 1 == kDepth ? 0 : oldest_ + 1;
     } else {
@@ -366,12 +360,12 @@ class History {
     }
   }
 
-  static constexpr size_t shared_bytes() { return Ring<T, kSlots, kHeight>::shared_bytes(); }
+  static constexpr size_t shared_bytes() { return Ring<T, kSlots, kIn>::shared_bytes(); }
 
  private:
-  static_assert(kDepth < kHeight && (kDepth > 0 || !kRingsInShared<kHeight>), "a history shorter than a window");
-  static constexpr int kSlots = kRingsInShared<kHeight> ? kDepth : kHeight;
-  Ring<T, kSlots, kHeight> ring_;
+  static_assert(kDepth < kHeight && (kDepth > 0 || kIn == Storage::kRegisters), "a history shorter than a window");
+  static constexpr int kSlots = kIn == Storage::kShared ? kDepth : kHeight;
+  Ring<T, kSlots, kIn> ring_;
   int oldest_ = 0;  // the slot pushed kDepth steps before (shared memory)
 };
 
