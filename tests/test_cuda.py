@@ -129,6 +129,7 @@ def test_compute_sanitizer_is_clean(tool):
         "    sn.spatial_normalization(x, 5); sn.spatial_normalization(x[:, :, :7], 2)\n"  # in registers
         "    sn.spatial_normalization(x, 9); sn.spatial_normalization(x, 13)\n"  # rings in shared memory
         "    sn.spatial_normalization_gradient(g, x, 3); sn.spatial_normalization_gradient(g[:, :, :7], x[:, :, :7], 2)\n"
+        "    sn.spatial_normalization_gradient(g, x, 5); sn.spatial_normalization_gradient(g, x, 9)\n"  # in shared memory
         "torch.cuda.synchronize()\n"
     )
     result = subprocess.run(

@@ -195,13 +195,14 @@ def test_wide_and_tall_windows_on_hostile_data(backend, dtype, kernel, settings_
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", [*range(2, 11), 13, 16, 17])
 def test_square_windows_over_rows_of_groups_of_four(backend, dtype, size, generator):
-    """CUDA takes the forward (2x2 to 17x17) and the gradient (to 5x5) of square windows over rows
+    """CUDA takes the forward (2x2 to 17x17) and the gradient (to 9x9) of square windows over rows
     of whole groups of four values with each thread's sums to itself (register_forward.cu,
-    register_backward.cu; from 6x6 the forward keeps them in shared memory and sums down the
-    columns by blocks; from 10x10 two lanes on each side of a segment only lend), larger ones in
-    tiles: planes 4 to 124 wide take segments of 4 to 32 lanes, one or several across a row, and
-    bands of 16 to 64 rows, a plane's last one shorter (or the whole plane, where it is shorter
-    than that).
+    register_backward.cu; from 6x6, and the float32 gradient from 5x5, they lie in shared memory
+    and go down the columns by blocks; the float32 gradient at 9x9 loads X again for its output;
+    two lanes on each side of a segment only lend from 10x10 in the forward, from 6x6 in the
+    gradient), larger ones in tiles: planes 4 to 124 wide take segments of 4 to 32 lanes, one or
+    several across a row, and bands of 16 to 64 rows, a plane's last one shorter (or the whole
+    plane, where it is shorter than that).
     Spikes, NaN and infinities stay in their windows; the zero rows with delta 1e-8 and beta 5 make
     powers beyond float32's range."""
     settings_ = [dict(alpha=1.0, beta=5.0, delta=1e-8), dict(alpha=30.0, beta=0.75, delta=1e-3), dict(alpha=1e-2, beta=-1.5, delta=1.0)]

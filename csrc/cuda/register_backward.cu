@@ -39,37 +39,56 @@ constexpr int kPrefetchRows = 4;
 template <int kSize>
 constexpr int kHaloLanes = lanes_reached(2 * (kSize / 2));
 
-// Where a thread's rings lie: in registers up to kRegisterRingsUpTo, in shared memory beyond.
-constexpr int kRegisterRingsUpTo = 5;
-template <int kSize>
-constexpr Storage kRingsIn = kSize <= kRegisterRingsUpTo ? Storage::kRegisters : Storage::kShared;
+// Blocks of the kernel below a multiprocessor's 228 KB of shared memory hold (1 KB of it
+// reserved a block) where each takes `bytes`.
+constexpr int blocks_held(size_t bytes) { return static_cast<int>(228 * 1024 / (bytes + 1024)); }
 
 // A thread's rings: X of the rows read, until their outputs are written; P, until its row's M(G)
 // is complete; the column sums of the squares' row sums (T) and of G's. A block of the kernel
 // below takes shared_bytes() of shared memory.
 template <typename scalar_t, int kSize>
-struct Rings {
+class Rings {
+  using Group = Stored<scalar_t, kColumns>;
   using Values = Lanes<at::opmath_type<scalar_t>, kColumns>;
-  History<Stored<scalar_t, kColumns>, kSize, kSize - 1, kRingsIn<kSize>> x;
-  History<Values, kSize, kSize / 2, kRingsIn<kSize>> p;
-  ColumnWindowSums<Values, kSize, kRingsIn<kSize>> square_sums;
-  ColumnWindowSums<Values, kSize, kRingsIn<kSize>> g_sums;
+
+ public:
+  // In registers up to 4x4 in float32 and 5x5 in 16-bit types, in shared memory beyond. On an
+  // H200 (32x64x112x112, float32 / bfloat16, us), in registers: 4x4 94.1 / 76.9, 5x5 119.1 (96
+  // bytes spilled) / 90.4; in shared memory: 99.5 / 85.9 and 103.7 / 96.4.
+  static constexpr Storage kIn = kSize <= (sizeof(scalar_t) == 4 ? 4 : 5) ? Storage::kRegisters : Storage::kShared;
+
+ private:
+  template <int kDepth>
+  using XHistory = History<Group, kSize, kDepth, kIn>;
+  using PHistory = History<Values, kSize, kSize / 2, kIn>;
+  using Sums = ColumnWindowSums<Values, kSize, kIn>;
+
+ public:
+  // Whether X is kept until its row is written, or only until its row's T is complete and then
+  // loaded again (from L1 or L2) for the output: where keeping it would leave room for one block
+  // only. On an H200 float32 9x9 took 195.4 us kept (120 KB a block, one block), 146.9 loaded
+  // again (104 KB, two blocks); 8x8 115.7 kept, 130.4 loaded again (two blocks either way).
+  static constexpr bool kKeepsX =
+      blocks_held(XHistory<kSize - 1>::shared_bytes() + PHistory::shared_bytes() + 2 * Sums::shared_bytes()) >= 2;
+
+  XHistory<kKeepsX ? kSize - 1 : (kSize - 1) / 2> x;
+  PHistory p;
+  Sums square_sums;
+  Sums g_sums;
 
   __device__ explicit Rings(unsigned char*& free_shared)
       : x(free_shared), p(free_shared), square_sums(free_shared), g_sums(free_shared) {}
 
   static constexpr size_t shared_bytes() {
-    return decltype(x)::shared_bytes() + decltype(p)::shared_bytes() + decltype(square_sums)::shared_bytes() +
-           decltype(g_sums)::shared_bytes();
+    return decltype(x)::shared_bytes() + PHistory::shared_bytes() + 2 * Sums::shared_bytes();
   }
 
   // Blocks per multiprocessor the registers must admit: with the rings in registers three (80
   // registers a thread) where they fit without spilling, else two (128); in shared memory as many
-  // as its 228 KB hold (1 KB of them reserved a block), at most three.
+  // as it holds, at most three.
   static constexpr int min_blocks() {
-    if constexpr (kRingsIn<kSize> == Storage::kShared) {
-      const size_t blocks = 228 * 1024 / (shared_bytes() + 1024);
-      return blocks < 1 ? 1 : blocks > 3 ? 3 : static_cast<int>(blocks);
+    if constexpr (kIn == Storage::kShared) {
+      return blocks_held(shared_bytes()) < 3 ? blocks_held(shared_bytes()) : 3;
     } else {
       return (sizeof(scalar_t) == 2 ? kSize <= 3 : kSize <= 2) ? 3 : 2;
     }
@@ -93,9 +112,18 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, Rings<scalar_t, kSize>::
   RowQueue<scalar_t, kRowsAhead, kPrefetchRows> x_rows(x, s, place, first_row);
   // dY of the row whose T a step makes, from the first that makes one.
   RowQueue<scalar_t, kRowsAhead, kPrefetchRows, kLag> dy_rows(dy, s, place, first_row - kAfter);
+  using KernelRings = Rings<scalar_t, kSize>;
+  // X of the row a step writes, where the rings do not keep it.
+  [[maybe_unused]] auto x_again = [&] {
+    if constexpr (KernelRings::kKeepsX) {
+      return 0;
+    } else {
+      return RowQueue<scalar_t, kRowsAhead, kPrefetchRows, 2 * kLag>(x, s, place, first_row - kLag);
+    }
+  }();
   extern __shared__ __align__(16) unsigned char shared[];
   unsigned char* free_shared = shared;
-  Rings<scalar_t, kSize> rings(free_shared);
+  KernelRings rings(free_shared);
   for (int base = 0; base < s.steps; base += kSize) {
 #pragma unroll
     for (int slot = 0; slot < kSize; ++slot) {
@@ -106,7 +134,12 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, Rings<scalar_t, kSize>::
       const Group current = x_rows.take(step);
       const Group current_dy = dy_rows.take(step);
       const Group t_group = rings.x.before(slot, kAfter, current);
-      const Group out_group = rings.x.before(slot, kLag, current);
+      Group out_group;
+      if constexpr (KernelRings::kKeepsX) {
+        out_group = rings.x.before(slot, kLag, current);
+      } else {
+        out_group = x_again.take(step);
+      }
       rings.x.push(slot, current);
       rings.square_sums.push(slot, square_row_sums<kBefore, kAfter, scalar_t>(current));
       if (step < kLag) {  // the same for every lane: T's window is not complete yet

@@ -344,6 +344,9 @@ class History {
       return next;
     }
     if constexpr (kIn == Storage::kShared) {
+      if (steps == kDepth) {
+        return ring_[oldest_];
+      }
       const int i = oldest_ + kDepth - steps;
       return ring_[i < kDepth ? i : i - kDepth];
     } else {
