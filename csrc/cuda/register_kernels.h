@@ -19,7 +19,7 @@ bool forward_in_registers(const at::Tensor& x, const at::Tensor& y, const PlaneS
                           const Coefficients<at::opmath_type<scalar_t>>& k);
 
 // Writes the gradient dx of the input x for the output's gradient dy (all contiguous) and returns
-// true for square windows from 2x2 to 5x5 in float32, float16 and bfloat16, over the same planes;
+// true for square windows from 2x2 to 9x9 in float32, float16 and bfloat16, over the same planes;
 // returns false and writes nothing elsewhere.
 template <typename scalar_t>
 bool backward_in_registers(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const PlaneShape& shape,

@@ -11,7 +11,7 @@
 // the tile, then sums G over the mirrored windows of the tile. Windows whose halo would not fit
 // shared memory beside a tile, and the gradient's from 40 wide, take separable passes over whole
 // lines instead (line_passes.cuh), whose cost does not grow with the window. The forward of square
-// windows up to 17x17 and the gradient of those up to 5x5, over rows of whole, aligned groups of
+// windows up to 17x17 and the gradient of those up to 9x9, over rows of whole, aligned groups of
 // four values, keep each thread's sums to itself instead (register_forward.cu,
 // register_backward.cu): a warp walks down a band of rows, with no barrier.
 #include "../spatial_norm.h"
