@@ -9,8 +9,8 @@
 // since it was read) give its G and P; G's sums along the mirrored window, again by shuffles, and
 // the last kh rows of them give M(G) of the row kTop steps further up, which is written with the P
 // and X kept for it. X is read once and dY once; a thread keeps its rows of X, T's and M(G)'s row
-// sums and P for as many steps as the windows reach: in registers up to 5x5, in its own slots of
-// shared memory beyond (register_rows.cuh). G is taken as 0 outside the plane, whatever T is
+// sums and P for as many steps as the windows reach: in registers for small windows, in its own
+// slots of shared memory beyond (Rings, register_rows.cuh). G is taken as 0 outside the plane, whatever T is
 // there; the lanes at a segment's ends only lend (see kHaloLanes).
 #include "register_kernels.h"
 
@@ -53,7 +53,7 @@ class Rings {
 
  public:
   // In registers up to 4x4 in float32 and 5x5 in 16-bit types, in shared memory beyond. On an
-  // H200 (32x64x112x112, float32 / bfloat16, us), in registers: 4x4 94.1 / 76.9, 5x5 119.1 (96
+  // H200 (32x64x112x112, float32 / bfloat16, us), in registers: 4x4 94.1 / 76.9, 5x5 119.1 (84
   // bytes spilled) / 90.4; in shared memory: 99.5 / 85.9 and 103.7 / 96.4.
   static constexpr Storage kIn = kSize <= (sizeof(scalar_t) == 4 ? 4 : 5) ? Storage::kRegisters : Storage::kShared;
 
