@@ -113,7 +113,8 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, Rings<scalar_t, kSize>::
   // dY of the row whose T a step makes, from the first that makes one.
   RowQueue<scalar_t, kRowsAhead, kPrefetchRows, kLag> dy_rows(dy, s, place, first_row - kAfter);
   using KernelRings = Rings<scalar_t, kSize>;
-  // X of the row a step writes, where the rings do not keep it.
+  // X of the row a step writes, where the rings do not keep it (made by a lambda so that kernels
+  // whose rings keep X build no queue: its prefetches, asm volatile, would stay).
   [[maybe_unused]] auto x_again = [&] {
     if constexpr (KernelRings::kKeepsX) {
       return 0;
