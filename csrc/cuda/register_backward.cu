@@ -17,6 +17,7 @@
 #include "powers.cuh"
 #include "register_rows.cuh"
 
+#include <algorithm>
 #include <type_traits>
 #include <utility>
 
@@ -63,15 +64,21 @@ class Rings {
   using PHistory = History<Values, kSize, kSize / 2, kIn>;
   using Sums = ColumnWindowSums<Values, kSize, kIn>;
 
+  // The rings' shared memory a block takes where X is kept kDepth steps.
+  template <int kDepth>
+  static constexpr size_t bytes_keeping_x() {
+    return XHistory<kDepth>::shared_bytes() + PHistory::shared_bytes() + 2 * Sums::shared_bytes();
+  }
+
  public:
   // Whether X is kept until its row is written, or only until its row's T is complete and then
   // loaded again (from L1 or L2) for the output: where keeping it would leave room for one block
   // only. On an H200 float32 9x9 took 195.4 us kept (120 KB a block, one block), 146.9 loaded
   // again (104 KB, two blocks); 8x8 115.7 kept, 130.4 loaded again (two blocks either way).
-  static constexpr bool kKeepsX =
-      blocks_held(XHistory<kSize - 1>::shared_bytes() + PHistory::shared_bytes() + 2 * Sums::shared_bytes()) >= 2;
+  static constexpr bool kKeepsX = blocks_held(bytes_keeping_x<kSize - 1>()) >= 2;
+  static constexpr int kXDepth = kKeepsX ? kSize - 1 : (kSize - 1) / 2;
 
-  XHistory<kKeepsX ? kSize - 1 : (kSize - 1) / 2> x;
+  XHistory<kXDepth> x;
   PHistory p;
   Sums square_sums;
   Sums g_sums;
@@ -79,16 +86,14 @@ class Rings {
   __device__ explicit Rings(unsigned char*& free_shared)
       : x(free_shared), p(free_shared), square_sums(free_shared), g_sums(free_shared) {}
 
-  static constexpr size_t shared_bytes() {
-    return decltype(x)::shared_bytes() + PHistory::shared_bytes() + 2 * Sums::shared_bytes();
-  }
+  static constexpr size_t shared_bytes() { return bytes_keeping_x<kXDepth>(); }
 
   // Blocks per multiprocessor the registers must admit: with the rings in registers three (80
   // registers a thread) where they fit without spilling, else two (128); in shared memory as many
   // as it holds, at most three.
   static constexpr int min_blocks() {
     if constexpr (kIn == Storage::kShared) {
-      return blocks_held(shared_bytes()) < 3 ? blocks_held(shared_bytes()) : 3;
+      return std::min(blocks_held(shared_bytes()), 3);
     } else {
       return (sizeof(scalar_t) == 2 ? kSize <= 3 : kSize <= 2) ? 3 : 2;
     }

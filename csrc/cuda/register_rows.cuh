@@ -3,11 +3,11 @@
 // rows, four columns a thread, and the window sums of a row of four values with the values its
 // neighbours lend by warp shuffles.
 //
-// Threads side by side along a row form a segment of 4 to 32 lanes of a warp. A window reaches at
-// most one lane beyond a thread's own columns, so a sum that needs its neighbours' values is
-// right everywhere but in a segment's first and last lane (halo_lanes says how many lanes on each
-// side a kernel gives up: one for both kernels, see register_backward.cu). Those halo lanes only
-// lend; the others write their columns.
+// Threads side by side along a row form a segment of 4 to 32 lanes of a warp. A window reaches one
+// or two lanes beyond a thread's own columns, so a sum that needs its neighbours' values is right
+// everywhere but in the lanes at a segment's ends (halo_lanes says how many lanes on each side a
+// kernel gives up: each kernel's kHaloLanes). Those halo lanes only lend; the others write their
+// columns.
 #pragma once
 
 #include "../spatial_norm.h"
