@@ -94,7 +94,11 @@ class RowQueue {
   using Group = Stored<scalar_t, kColumns>;
 
   __device__ RowQueue(const scalar_t* __restrict__ plane, const Segments& s, const Place& place, int row)
-      : plane_(plane), s_(s), row_(row), reads_(place.reads) {
+      : plane_(plane),
+        s_(s),
+        row_(row),
+        first_(max(kFirstStep, -row)),
+        count_(place.reads ? max(0, min(s.steps, s.height - row) - first_) : 0) {
     prefetch(0);
 #pragma unroll
     for (int a = 0; a < kAhead; ++a) {
@@ -118,10 +122,11 @@ class RowQueue {
   }
 
  private:
-  __device__ bool wanted(int step) const {
-    const int row = row_ + step;
-    return reads_ && step >= kFirstStep && step < s_.steps && row >= 0 && row < s_.height;
-  }
+  // The steps wanted are count_ from first_: one comparison a step instead of one a bound. The
+  // bfloat16 5x5 forward issued 38.6 instructions an element, 14 of them integer (Nsight Compute);
+  // on an H200 (32x64x112x112) this took bfloat16 forwards 3x3 / 9x9 from 40.0 / 52.6 us to 39.2 /
+  // 50.0 and gradients 1-2% faster, float32 within 1.5% either way.
+  __device__ bool wanted(int step) const { return static_cast<unsigned>(step - first_) < static_cast<unsigned>(count_); }
 
   __device__ const scalar_t* address(int step) const { return plane_ + (row_ + step) * s_.width; }
 
@@ -142,7 +147,9 @@ class RowQueue {
   const scalar_t* __restrict__ plane_;
   const Segments& s_;  // the kernel's parameter: read where it lies, not copied to registers
   int row_;            // at step 0
-  bool reads_;
+  int first_;          // the first step wanted: from kFirstStep, at the plane's first row or later
+  int count_;          // steps wanted from it: within the segment's steps, the plane's rows, and none where
+                       // the columns lie outside the plane
   Group queue_[kAhead];
 };
 
