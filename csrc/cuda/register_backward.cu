@@ -8,10 +8,11 @@
 // give T of the row kBottom steps up. That row's dY (loaded with a lag of kBottom rows) and X (kept
 // since it was read) give its G and P; G's sums along the mirrored window, again by shuffles, and
 // the last kh rows of them give M(G) of the row kTop steps further up, which is written with the P
-// and X kept for it. X is read once and dY once; a thread keeps its rows of X, T's and M(G)'s row
-// sums and P for as many steps as the windows reach: in registers for small windows, in its own
-// slots of shared memory beyond (Rings, register_rows.cuh). G is taken as 0 outside the plane, whatever T is
-// there; the lanes at a segment's ends only lend (see kHaloLanes).
+// and X kept for it. X is read once (twice where the rings do not keep it: Rings::kKeepsX) and dY
+// once; a thread keeps its rows of X, T's and M(G)'s row sums and P for as many steps as the
+// windows reach: in registers for small windows, in its own slots of shared memory beyond (Rings,
+// register_rows.cuh). G is taken as 0 outside the plane, whatever T is there; the lanes at a
+// segment's ends only lend (see kHaloLanes).
 #include "register_kernels.h"
 
 #include "powers.cuh"

@@ -351,6 +351,8 @@ class History {
       return next;
     }
     if constexpr (kIn == Storage::kShared) {
+      // The oldest value directly: the index below costs a comparison the compiler cannot drop (it
+      // does not know that oldest_ < kDepth).
       if (steps == kDepth) {
         return ring_[oldest_];
       }
