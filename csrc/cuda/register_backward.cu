@@ -25,6 +25,7 @@
 namespace spatialnorm::cuda {
 namespace {
 
+constexpr int kColumns = 4;  // consecutive columns a thread owns
 // Up to 9x9 in float32, float16 and bfloat16; float64 keeps to the tiles.
 template <typename scalar_t>
 constexpr int kLargestWindow = std::is_same_v<at::opmath_type<scalar_t>, float> ? 9 : 0;
@@ -39,7 +40,7 @@ constexpr int kPrefetchRows = 4;
 // M(G) at a lane's columns needs G up to kSize / 2 columns beyond them, and that G needs T, so
 // the squares, as far again: the lanes within twice the reach only lend.
 template <int kSize>
-constexpr int kHaloLanes = lanes_reached(2 * (kSize / 2));
+constexpr int kHaloLanes = lanes_reached(2 * (kSize / 2), kColumns);
 
 // Blocks of the kernel below a multiprocessor's 228 KB of shared memory hold (1 KB of it
 // reserved a block) where each takes `bytes`.
@@ -110,14 +111,14 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, Rings<scalar_t, kSize>::
   using Values = Lanes<opmath_t, kColumns>;
   constexpr int kBefore = kSize / 2, kAfter = (kSize - 1) / 2;  // W's extent; M's is its mirror image
   constexpr int kLag = kSize - 1;                                 // steps from reading a row to writing it
-  const Place place = locate(s);
+  const Place place = locate<kColumns>(s);
   const scalar_t* x = input + place.plane_offset;
   const scalar_t* dy = grad_output + place.plane_offset;
   scalar_t* dx = grad_input + place.plane_offset;
   const int first_row = place.row0 - kLag;  // of X, read at step 0; T and G of row r are made at step r - first_row + kAfter
-  RowQueue<scalar_t, kRowsAhead, kPrefetchRows> x_rows(x, s, place, first_row);
+  RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetchRows> x_rows(x, s, place, first_row);
   // dY of the row whose T a step makes, from the first that makes one.
-  RowQueue<scalar_t, kRowsAhead, kPrefetchRows, kLag> dy_rows(dy, s, place, first_row - kAfter);
+  RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetchRows, kLag> dy_rows(dy, s, place, first_row - kAfter);
   using KernelRings = Rings<scalar_t, kSize>;
   // X of the row a step writes, where the rings do not keep it (made by a lambda so that kernels
   // whose rings keep X build no queue: its prefetches, asm volatile, would stay).
@@ -125,7 +126,7 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, Rings<scalar_t, kSize>::
     if constexpr (KernelRings::kKeepsX) {
       return 0;
     } else {
-      return RowQueue<scalar_t, kRowsAhead, kPrefetchRows, 2 * kLag>(x, s, place, first_row - kLag);
+      return RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetchRows, 2 * kLag>(x, s, place, first_row - kLag);
     }
   }();
   extern __shared__ __align__(16) unsigned char shared[];
@@ -148,7 +149,7 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, Rings<scalar_t, kSize>::
         out_group = x_again.take(step);
       }
       rings.x.push(slot, current);
-      rings.square_sums.push(slot, square_row_sums<kBefore, kAfter, scalar_t>(current));
+      rings.square_sums.push(slot, square_row_sums<kBefore, kAfter, scalar_t, kColumns>(current));
       if (step < kLag) {  // the same for every lane: T's window is not complete yet
         continue;
       }
@@ -197,7 +198,7 @@ template <typename scalar_t>
 bool backward_in_registers(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const PlaneShape& shape,
                            const Settings& settings, const Coefficients<at::opmath_type<scalar_t>>& k) {
   if (settings.kernel_width != settings.kernel_height || settings.kernel_width > kLargestWindow<scalar_t> ||
-      !rows_of_groups<scalar_t>(shape, {&dy, &x, &dx})) {
+      !rows_of_groups<scalar_t, kColumns>(shape, {&dy, &x, &dx})) {
     return false;
   }
   bool launched = false;
@@ -205,7 +206,7 @@ bool backward_in_registers(const at::Tensor& dy, const at::Tensor& x, const at::
   with_window_size(settings.kernel_width, Sizes(), [&](auto size) {
     constexpr int kSize = decltype(size)::value;
     if constexpr (kSize >= 2) {
-      launched = launch_over_segments(register_backward_kernel<scalar_t, kSize>, shape, kHaloLanes<kSize>,
+      launched = launch_over_segments(register_backward_kernel<scalar_t, kSize>, shape, kColumns, kHaloLanes<kSize>,
                                       2 * (kSize - 1), Rings<scalar_t, kSize>::shared_bytes(), k,
                                       dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                       dx.mutable_data_ptr<scalar_t>());

@@ -1,7 +1,8 @@
 // What the CUDA kernels that keep their window sums in registers share (register_forward.cu,
 // register_backward.cu): how the planes are cut into segments of a warp that walk down bands of
-// rows, four columns a thread, and the window sums of a row of four values with the values its
-// neighbours lend by warp shuffles.
+// rows, a group of consecutive columns a thread (kColumns: four or eight, each kernel's own), and
+// the window sums of a row of a group's values with the values its neighbours lend by warp
+// shuffles.
 //
 // Threads side by side along a row form a segment of 4 to 32 lanes of a warp. A window reaches one
 // or two lanes beyond a thread's own columns, so a sum that needs its neighbours' values is right
@@ -29,12 +30,11 @@
 
 namespace spatialnorm::cuda {
 
-constexpr int kColumns = 4;  // consecutive columns a thread owns
 constexpr int kSegmentBlockThreads = 256;
 constexpr unsigned int kAllLanes = 0xffffffffu;
 
 // How the planes are cut into segments: each takes a band of rows of a plane and a stretch of
-// its columns, (lanes - 2 * halo_lanes) groups of kColumns wide.
+// its columns, (lanes - 2 * halo_lanes) groups of a thread's columns wide.
 struct Segments {
   int height;
   int width;
@@ -58,6 +58,7 @@ struct Place {
   bool writes;           // it also owns them (not a halo lane)
 };
 
+template <int kColumns>
 __device__ inline Place locate(const Segments& s) {
   const unsigned int segment = (blockIdx.x * kSegmentBlockThreads + threadIdx.x) >> s.lanes_log2;
   const int lane = threadIdx.x & (s.lanes() - 1);
@@ -74,7 +75,7 @@ __device__ inline Place locate(const Segments& s) {
   return place;
 }
 
-// The groups of kColumns values at a thread's columns of a plane's rows, the row `row` at step 0
+// The groups of values at a thread's kColumns columns of a plane's rows, the row `row` at step 0
 // and one row further down each step, up to the segment's last step; each is loaded kAhead steps
 // before it is taken, so that that many loads are in flight. Zeros before step kFirstStep, for rows
 // outside the plane and where the columns lie outside it. Offsets within a plane fit 32 bits
@@ -86,7 +87,7 @@ __device__ inline Place locate(const Segments& s) {
 // 112x112 bfloat16 planes a row at a time took 44 us, two rows at a time 35, four 30.5; a copy 27).
 // So the queue also asks L2 for the rows kPrefetchRows at a time, a run of memory each, well before
 // their loads.
-template <typename scalar_t, int kAhead, int kPrefetchRows, int kFirstStep = 0>
+template <typename scalar_t, int kColumns, int kAhead, int kPrefetchRows, int kFirstStep = 0>
 class RowQueue {
   static_assert(kAhead > 0 && kPrefetchRows > 0, "rows are loaded and prefetched ahead");
 
@@ -185,8 +186,11 @@ __device__ inline void sliding_sums(const T (&terms)[kCount + kWindow - 1], T (&
   }
 }
 
-// The lanes beyond a thread's own that a window reaching `columns` columns past them takes.
-__host__ __device__ constexpr int lanes_reached(int columns) { return (columns + kColumns - 1) / kColumns; }
+// The lanes beyond a thread's own that a window reaching `columns` columns past them takes, where
+// each lane owns `per_lane` columns.
+__host__ __device__ constexpr int lanes_reached(int columns, int per_lane) {
+  return (columns + per_lane - 1) / per_lane;
+}
 
 // The sums along the row of windows reaching kBefore columns before each of a thread's and
 // kAfter after it, of `values` and the values its neighbours in the segment lend. Every lane of
@@ -194,12 +198,12 @@ __host__ __device__ constexpr int lanes_reached(int columns) { return (columns +
 // width (no lane-count operand to set up each time): a segment's halo lanes then take values of
 // the neighbouring segment's lanes, which reach only their own sums, and no written output needs
 // those (halo_lanes >= lanes_reached of the window's reach).
-template <int kBefore, int kAfter, typename T>
+template <int kBefore, int kAfter, typename T, int kColumns>
 __device__ inline Lanes<T, kColumns> row_window_sums(const Lanes<T, kColumns>& values) {
   T terms[kColumns + kBefore + kAfter];
 #pragma unroll
   for (int j = 0; j < kBefore; ++j) {
-    const int lanes = lanes_reached(kBefore - j);  // column j - kBefore of the thread's
+    const int lanes = lanes_reached(kBefore - j, kColumns);  // column j - kBefore of the thread's
     terms[j] = __shfl_up_sync(kAllLanes, values.v[j - kBefore + lanes * kColumns], lanes);
   }
 #pragma unroll
@@ -216,7 +220,7 @@ __device__ inline Lanes<T, kColumns> row_window_sums(const Lanes<T, kColumns>& v
 }
 
 // The squares of a group of values, in the compute type.
-template <typename scalar_t>
+template <typename scalar_t, int kColumns>
 __device__ inline Lanes<at::opmath_type<scalar_t>, kColumns> squares_of(const Stored<scalar_t, kColumns>& group) {
   Lanes<at::opmath_type<scalar_t>, kColumns> squares = widen<scalar_t, kColumns>(group);
 #pragma unroll
@@ -227,25 +231,76 @@ __device__ inline Lanes<at::opmath_type<scalar_t>, kColumns> squares_of(const St
 }
 
 // The window sums along the row of the squares of a group of values (row_window_sums).
-template <int kBefore, int kAfter, typename scalar_t>
+template <int kBefore, int kAfter, typename scalar_t, int kColumns>
 __device__ inline Lanes<at::opmath_type<scalar_t>, kColumns> square_row_sums(const Stored<scalar_t, kColumns>& group) {
-  return row_window_sums<kBefore, kAfter>(squares_of<scalar_t>(group));
+  return row_window_sums<kBefore, kAfter>(squares_of<scalar_t, kColumns>(group));
 }
 
-// A thread's own slots in its block's shared memory: slot j of thread t at j * kSegmentBlockThreads
-// + t, so that a warp's accesses to one slot are consecutive (16 bytes a lane: four wavefronts, no
-// bank conflict). No barrier: no thread reads another's slots.
+// A thread's own slots in its block's shared memory, each a value (Lanes) of up to 16 bytes or of
+// 16-byte pieces: piece p of slot j of thread t at (j * pieces + p) * kSegmentBlockThreads + t, so
+// that a warp's accesses to one piece are consecutive (16 bytes a lane: four wavefronts, no bank
+// conflict; 32-byte slots side by side would take twice as many). No barrier: no thread reads
+// another's slots.
 template <typename T>
 class ThreadSlots {
- public:
-  __device__ explicit ThreadSlots(unsigned char* base) : base_(reinterpret_cast<T*>(base) + threadIdx.x) {}
+  static constexpr int kPieces = sizeof(T) > 16 ? sizeof(T) / 16 : 1;
+  using Element = std::remove_extent_t<decltype(T::v)>;
+  static constexpr int kPerPiece = 16 / sizeof(Element);
+  using Piece = std::conditional_t<kPieces == 1, T, Lanes<Element, kPerPiece>>;
+  static_assert(kPieces == 1 || sizeof(T) == kPieces * sizeof(Piece), "slots of whole 16-byte pieces");
 
-  __device__ T& operator[](int slot) const { return base_[slot * kSegmentBlockThreads]; }
+ public:
+  // A slot, read and written as a whole value.
+  class Slot {
+   public:
+    __device__ explicit Slot(Piece* first) : first_(first) {}
+
+    __device__ operator T() const {  // NOLINT: read as the value it holds
+      if constexpr (kPieces == 1) {
+        return *first_;
+      } else {
+        T value;
+#pragma unroll
+        for (int p = 0; p < kPieces; ++p) {
+          const Piece piece = first_[p * kSegmentBlockThreads];
+#pragma unroll
+          for (int e = 0; e < kPerPiece; ++e) {
+            value.v[p * kPerPiece + e] = piece.v[e];
+          }
+        }
+        return value;
+      }
+    }
+
+    __device__ const Slot& operator=(const T& value) const {
+      if constexpr (kPieces == 1) {
+        *first_ = value;
+      } else {
+#pragma unroll
+        for (int p = 0; p < kPieces; ++p) {
+          Piece piece;
+#pragma unroll
+          for (int e = 0; e < kPerPiece; ++e) {
+            piece.v[e] = value.v[p * kPerPiece + e];
+          }
+          first_[p * kSegmentBlockThreads] = piece;
+        }
+      }
+      return *this;
+    }
+
+   private:
+    Piece* first_;
+  };
+
+  __device__ explicit ThreadSlots(unsigned char* base) : base_(reinterpret_cast<Piece*>(base) + threadIdx.x) {}
+
+  __device__ Slot operator[](int slot) const { return Slot(base_ + slot * kPieces * kSegmentBlockThreads); }
 
   static constexpr size_t bytes(int slots) { return sizeof(T) * slots * kSegmentBlockThreads; }
 
  private:
-  T* base_;
+  Piece* base_;
 };
 
 // Where a thread's rings lie: in registers, with slots known at compile time (the loop over a
@@ -260,7 +315,8 @@ class Ring {
  public:
   __device__ explicit Ring(unsigned char*& free_shared) : slots_(take(free_shared)) {}
 
-  __device__ T& operator[](int slot) { return slots_[slot]; }
+  // The slot's value: a reference in registers, ThreadSlots::Slot in shared memory.
+  __device__ decltype(auto) operator[](int slot) { return slots_[slot]; }
 
   static constexpr size_t shared_bytes() { return kIn == Storage::kShared ? ThreadSlots<T>::bytes(kSlots) : 0; }
 
@@ -318,7 +374,7 @@ class ColumnWindowSums {
   // Of the last kHeight rows pushed, the latest at `slot`.
   __device__ T window_sum(int slot) {
     if constexpr (kIn == Storage::kShared) {
-      return slot == kHeight - 1 ? prefix_ : ring_[(slot + 1) % kHeight] + prefix_;
+      return slot == kHeight - 1 ? prefix_ : prefix_ + ring_[(slot + 1) % kHeight];
     } else {
       T sum = ring_[(slot + 1) % kHeight];
 #pragma unroll
@@ -383,7 +439,7 @@ class History {
 
 // Whether rows of whole, aligned groups of kColumns values can be loaded and stored as one in
 // every tensor.
-template <typename scalar_t>
+template <typename scalar_t, int kColumns>
 bool rows_of_groups(const PlaneShape& shape, std::initializer_list<const at::Tensor*> tensors) {
   return rows_of_aligned_groups(shape.width, kColumns, alignof(Stored<scalar_t, kColumns>), tensors);
 }
@@ -408,16 +464,16 @@ int64_t resident_warps(Kernel kernel, size_t shared_bytes) {
 // fewest wins, ties the fewest bands. Tall bands read fewer halo rows, but a last wave that is
 // mostly empty leaves the GPU idle for as long as a full one (bfloat16 3x3 gradient on an H200,
 // 32x64x112x112 in 2.6 waves of bands of 28 rows: 74 us; in 1.3 waves of 56 rows: 84 us).
-inline std::optional<Segments> segments_for(const PlaneShape& shape, int halo_lanes, int rows_beyond,
+inline std::optional<Segments> segments_for(const PlaneShape& shape, int columns, int halo_lanes, int rows_beyond,
                                             int64_t resident_warps) {
   constexpr int kMinBandRows = 16;
   constexpr int kMaxBandRows = 64;
   constexpr int64_t kLimit = std::numeric_limits<int>::max();
-  if (shape.height + kMaxBandRows + rows_beyond > kLimit || shape.width + 2 * halo_lanes * kColumns > kLimit ||
+  if (shape.height + kMaxBandRows + rows_beyond > kLimit || shape.width + 2 * halo_lanes * columns > kLimit ||
       shape.height * shape.width > kLimit) {
     return std::nullopt;
   }
-  const int64_t groups = shape.width / kColumns;
+  const int64_t groups = shape.width / columns;
   int lanes_log2 = 5;
   int64_t fewest = std::numeric_limits<int64_t>::max();
   for (int log2 = 5; log2 >= 2 && (1 << log2) > 2 * halo_lanes; --log2) {
@@ -459,11 +515,11 @@ inline std::optional<Segments> segments_for(const PlaneShape& shape, int halo_la
 }
 
 // Launches kernel(pointers..., segments, k) on the current stream over the planes cut into
-// segments (segments_for), with shared_bytes of dynamic shared memory a block; false, launching
-// nothing, where they cannot be, or where the device offers a block less shared memory than that
-// (float32 17x17 takes 100 KB, sm_86 offers 99).
+// segments of threads owning `columns` columns each (segments_for), with shared_bytes of dynamic
+// shared memory a block; false, launching nothing, where they cannot be, or where the device
+// offers a block less shared memory than that (float32 17x17 takes 100 KB, sm_86 offers 99).
 template <typename Kernel, typename Coefficients, typename... Pointers>
-bool launch_over_segments(Kernel kernel, const PlaneShape& shape, int halo_lanes, int rows_beyond,
+bool launch_over_segments(Kernel kernel, const PlaneShape& shape, int columns, int halo_lanes, int rows_beyond,
                           size_t shared_bytes, const Coefficients& k, Pointers... pointers) {
   if (shared_bytes > 48 * 1024) {  // beyond the default, a kernel must ask for it
     int device = 0, per_block = 0;
@@ -477,7 +533,7 @@ bool launch_over_segments(Kernel kernel, const PlaneShape& shape, int halo_lanes
   }
   const int64_t warps = resident_warps(kernel, shared_bytes);
   const std::optional<Segments> segments =
-      warps > 0 ? segments_for(shape, halo_lanes, rows_beyond, warps) : std::nullopt;
+      warps > 0 ? segments_for(shape, columns, halo_lanes, rows_beyond, warps) : std::nullopt;
   if (!segments) {
     return false;
   }
