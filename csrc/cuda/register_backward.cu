@@ -117,7 +117,8 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, Rings<scalar_t, kSize>::
   const scalar_t* x = input + place.plane_offset;
   const scalar_t* dy = grad_output + place.plane_offset;
   scalar_t* dx = grad_input + place.plane_offset;
-  const int first_row = place.row0 - kLag;  // of X, read at step 0; T and G of row r are made at step r - first_row + kAfter
+  // The row of X read at step 0; T and G of row r are made at step r - first_row + kAfter.
+  const int first_row = place.row0 - kLag;
   RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetchRows> x_rows(x, s, place, first_row);
   // dY of the row whose T a step makes, from the first that makes one.
   RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetchRows, kLag> dy_rows(dy, s, place, first_row - kAfter);

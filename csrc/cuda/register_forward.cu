@@ -26,6 +26,7 @@
 namespace spatialnorm::cuda {
 namespace {
 
+// Up to 17x17 in float32, float16 and bfloat16; float64 keeps to the tiles.
 template <typename scalar_t>
 constexpr int kLargestWindow = std::is_same_v<at::opmath_type<scalar_t>, float> ? 17 : 0;
 // Columns a thread owns: four, or eight of a 16-bit type up to kLargestWide where the rows are
@@ -44,7 +45,6 @@ constexpr int kLargestWide = 11;
 // took 78.0 / 66.6 us at 9x9 and 108.2 / 96.2 at 17x17, this kernel 62.5 / 53.6 and 98.9 /
 // 79.4; eight columns of bfloat16 with four / three blocks 7x7 43.0 / 41.8, 9x9 51.0 / 50.0 (runs
 // of two rows' prefetches).
-// float64 keeps to the tiles.
 template <int kColumns, int kHeight>
 constexpr int kMinBlocks = kColumns == 8 && kHeight >= 6 ? 3 : 4;
 // Loads in flight per thread ahead of the row it sums (three, for eight columns of bfloat16: 1-6 us
@@ -56,7 +56,8 @@ constexpr int kRowsAhead = 2;
 // runs of 2, 38.8 of 4, 43.2 of 8. Eight columns of bfloat16, runs of 2 / 4: 3x3 34.3 / 36.7,
 // 5x5 37.8 / 38.3, 6x6 40.9 / 39.5, 8x8 48.4 / 43.5, 9x9 50.6 / 47.4.
 template <typename scalar_t, int kColumns, int kHeight>
-constexpr int kPrefetchRows = (kColumns == 8 && kHeight >= 6 ? 2048 : 1024) / (32 * sizeof(scalar_t) * kColumns);
+constexpr int kPrefetchRows =
+    (kColumns == 8 && kHeight >= 6 ? 2048 : 1024) / (32 * sizeof(scalar_t) * kColumns);
 // Lanes on each side of a segment that only lend their column sums to the sums along the row.
 template <int kWidth, int kColumns>
 constexpr int kHaloLanes = lanes_reached(kWidth / 2, kColumns);
@@ -65,7 +66,7 @@ constexpr int kHaloLanes = lanes_reached(kWidth / 2, kColumns);
 // columns up to 5x5, eight at 2x2). On an H200 (32x64x112x112, float32 / bfloat16, us) the rings
 // of 6x6 in registers took 75.3 / 45.1 with two blocks a multiprocessor and none spilled, 7x7 76.7
 // / 52.0; in shared memory, four blocks: 60.9 / 44.2 and 61.5 / 46.2. At 3x3 shared memory lost
-// (62.5 / 41.5 against 60.6 / 39.9), but won for eight columns of bfloat16 (34.4 against 37.2 in
+// (62.5 / 41.5 against 60.6 / 39.9), but won for eight columns of bfloat16 (35.0 against 37.3 in
 // registers with three blocks).
 template <int kHeight, int kColumns>
 constexpr Storage kRingsIn = kHeight * kColumns <= 20 ? Storage::kRegisters : Storage::kShared;
@@ -166,9 +167,12 @@ bool forward_in_registers(const at::Tensor& x, const at::Tensor& y, const PlaneS
   if (settings.kernel_width != settings.kernel_height || settings.kernel_width > kLargestWindow<scalar_t>) {
     return false;
   }
+  // Four columns also where eight cannot launch: 11x11's 108 KB a block exceed what sm_86 and
+  // sm_89 offer (99 KB), four columns' 54 KB do not.
   if constexpr (sizeof(scalar_t) == 2) {
-    if (settings.kernel_width <= kLargestWide && rows_of_groups<scalar_t, 8>(shape, {&x, &y})) {
-      return launch_forward<scalar_t, 8>(x, y, shape, settings.kernel_width, k);
+    if (settings.kernel_width <= kLargestWide && rows_of_groups<scalar_t, 8>(shape, {&x, &y}) &&
+        launch_forward<scalar_t, 8>(x, y, shape, settings.kernel_width, k)) {
+      return true;
     }
   }
   return rows_of_groups<scalar_t, 4>(shape, {&x, &y}) &&

@@ -127,7 +127,9 @@ class RowQueue {
   // bfloat16 5x5 forward issued 38.6 instructions an element, 14 of them integer (Nsight Compute);
   // on an H200 (32x64x112x112) this took bfloat16 forwards 3x3 / 9x9 from 40.0 / 52.6 us to 39.2 /
   // 50.0 and gradients 1-2% faster, float32 within 1.5% either way.
-  __device__ bool wanted(int step) const { return static_cast<unsigned>(step - first_) < static_cast<unsigned>(count_); }
+  __device__ bool wanted(int step) const {
+    return static_cast<unsigned>(step - first_) < static_cast<unsigned>(count_);
+  }
 
   __device__ const scalar_t* address(int step) const { return plane_ + (row_ + step) * s_.width; }
 
