@@ -29,13 +29,14 @@ namespace {
 // Up to 17x17 in float32, float16 and bfloat16; float64 keeps to the tiles.
 template <typename scalar_t>
 constexpr int kLargestWindow = std::is_same_v<at::opmath_type<scalar_t>, float> ? 17 : 0;
-// Columns a thread owns: four, or eight of a 16-bit type up to kLargestWide where the rows are
+// Columns a thread owns: four, or kWideColumns of a 16-bit type up to kLargestWide where the rows are
 // whole, aligned groups of eight. Eight make one 16-byte load a row, as float32's four do, and
 // share every cost a step bears (the loop, the row's address and tests, the shuffles, the
 // store) among twice the elements. On an H200 (32x64x112x112, bfloat16, us) four / eight columns
 // took 3x3 38.8 / 34.6, 5x5 42.5 / 37.5, 7x7 45.9 / 41.3, 9x9 50.4 / 46.1, 11x11 56.8 / 50.5,
 // 12x12 60.2 / 69.0: past 11x11 a block's rings of eight columns take more than half a
 // multiprocessor's shared memory (11x11 108 KB, 12x12 116 KB), which then holds one block.
+constexpr int kWideColumns = 8;
 constexpr int kLargestWide = 11;
 // Blocks per multiprocessor the registers must admit: four (64 registers a thread), three (80)
 // for eight columns from 6x6 on. Without a bound the float32 5x5 forward took 77 registers and 82
@@ -46,7 +47,7 @@ constexpr int kLargestWide = 11;
 // 79.4; eight columns of bfloat16 with four / three blocks 7x7 43.0 / 41.8, 9x9 51.0 / 50.0 (runs
 // of two rows' prefetches).
 template <int kColumns, int kHeight>
-constexpr int kMinBlocks = kColumns == 8 && kHeight >= 6 ? 3 : 4;
+constexpr int kMinBlocks = kColumns == kWideColumns && kHeight >= 6 ? 3 : 4;
 // Loads in flight per thread ahead of the row it sums (three, for eight columns of bfloat16: 1-6 us
 // slower from 3x3 to 9x9 on an H200).
 constexpr int kRowsAhead = 2;
@@ -57,7 +58,7 @@ constexpr int kRowsAhead = 2;
 // 5x5 37.8 / 38.3, 6x6 40.9 / 39.5, 8x8 48.4 / 43.5, 9x9 50.6 / 47.4.
 template <typename scalar_t, int kColumns, int kHeight>
 constexpr int kPrefetchRows =
-    (kColumns == 8 && kHeight >= 6 ? 2048 : 1024) / (32 * sizeof(scalar_t) * kColumns);
+    (kColumns == kWideColumns && kHeight >= 6 ? 2048 : 1024) / (32 * sizeof(scalar_t) * kColumns);
 // Lanes on each side of a segment that only lend their column sums to the sums along the row.
 template <int kWidth, int kColumns>
 constexpr int kHaloLanes = lanes_reached(kWidth / 2, kColumns);
@@ -144,7 +145,7 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<kColumns, kHe
 template <typename scalar_t, int kColumns>
 bool launch_forward(const at::Tensor& x, const at::Tensor& y, const PlaneShape& shape, int64_t size,
                     const Coefficients<at::opmath_type<scalar_t>>& k) {
-  constexpr int kLargest = kColumns == 8 ? kLargestWide : kLargestWindow<scalar_t>;
+  constexpr int kLargest = kColumns == kWideColumns ? kLargestWide : kLargestWindow<scalar_t>;
   bool launched = false;
   using Sizes = std::make_integer_sequence<int, kLargest + 1>;  // 0 to the largest
   with_window_size(size, Sizes(), [&](auto size) {
@@ -170,8 +171,8 @@ bool forward_in_registers(const at::Tensor& x, const at::Tensor& y, const PlaneS
   // Four columns also where eight cannot launch: 11x11's 108 KB a block exceed what sm_86 and
   // sm_89 offer (99 KB), four columns' 54 KB do not.
   if constexpr (sizeof(scalar_t) == 2) {
-    if (settings.kernel_width <= kLargestWide && rows_of_groups<scalar_t, 8>(shape, {&x, &y}) &&
-        launch_forward<scalar_t, 8>(x, y, shape, settings.kernel_width, k)) {
+    if (settings.kernel_width <= kLargestWide && rows_of_groups<scalar_t, kWideColumns>(shape, {&x, &y}) &&
+        launch_forward<scalar_t, kWideColumns>(x, y, shape, settings.kernel_width, k)) {
       return true;
     }
   }

@@ -247,9 +247,9 @@ template <typename T>
 class ThreadSlots {
   static constexpr int kPieces = sizeof(T) > 16 ? sizeof(T) / 16 : 1;
   using Element = std::remove_extent_t<decltype(T::v)>;
-  static constexpr int kPerPiece = 16 / sizeof(Element);
-  using Piece = std::conditional_t<kPieces == 1, T, Lanes<Element, kPerPiece>>;
-  static_assert(kPieces == 1 || sizeof(T) == kPieces * sizeof(Piece), "slots of whole 16-byte pieces");
+  using Piece = std::conditional_t<kPieces == 1, T, Lanes<Element, 16 / sizeof(Element)>>;
+  static constexpr int kPerPiece = sizeof(Piece) / sizeof(Element);
+  static_assert(sizeof(T) == kPieces * sizeof(Piece), "slots of whole 16-byte pieces");
 
  public:
   // A slot, read and written as a whole value.
@@ -258,35 +258,27 @@ class ThreadSlots {
     __device__ explicit Slot(Piece* first) : first_(first) {}
 
     __device__ operator T() const {  // NOLINT: read as the value it holds
-      if constexpr (kPieces == 1) {
-        return *first_;
-      } else {
-        T value;
+      T value;
 #pragma unroll
-        for (int p = 0; p < kPieces; ++p) {
-          const Piece piece = first_[p * kSegmentBlockThreads];
+      for (int p = 0; p < kPieces; ++p) {
+        const Piece piece = first_[p * kSegmentBlockThreads];
 #pragma unroll
-          for (int e = 0; e < kPerPiece; ++e) {
-            value.v[p * kPerPiece + e] = piece.v[e];
-          }
+        for (int e = 0; e < kPerPiece; ++e) {
+          value.v[p * kPerPiece + e] = piece.v[e];
         }
-        return value;
       }
+      return value;
     }
 
     __device__ const Slot& operator=(const T& value) const {
-      if constexpr (kPieces == 1) {
-        *first_ = value;
-      } else {
 #pragma unroll
-        for (int p = 0; p < kPieces; ++p) {
-          Piece piece;
+      for (int p = 0; p < kPieces; ++p) {
+        Piece piece;
 #pragma unroll
-          for (int e = 0; e < kPerPiece; ++e) {
-            piece.v[e] = value.v[p * kPerPiece + e];
-          }
-          first_[p * kSegmentBlockThreads] = piece;
+        for (int e = 0; e < kPerPiece; ++e) {
+          piece.v[e] = value.v[p * kPerPiece + e];
         }
+        first_[p * kSegmentBlockThreads] = piece;
       }
       return *this;
     }
