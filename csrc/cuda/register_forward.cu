@@ -36,7 +36,6 @@ constexpr int kLargestWindow = std::is_same_v<at::opmath_type<scalar_t>, float> 
 // took 3x3 38.8 / 34.6, 5x5 42.5 / 37.5, 7x7 45.9 / 41.3, 9x9 50.4 / 46.1, 11x11 56.8 / 50.5,
 // 12x12 60.2 / 69.0: past 11x11 a block's rings of eight columns take more than half a
 // multiprocessor's shared memory (11x11 108 KB, 12x12 116 KB), which then holds one block.
-constexpr int kWideColumns = 8;
 constexpr int kLargestWide = 11;
 // Blocks per multiprocessor the registers must admit: four (64 registers a thread), three (80)
 // for eight columns from 6x6 on. Without a bound the float32 5x5 forward took 77 registers and 82
@@ -168,16 +167,9 @@ bool forward_in_registers(const at::Tensor& x, const at::Tensor& y, const PlaneS
   if (settings.kernel_width != settings.kernel_height || settings.kernel_width > kLargestWindow<scalar_t>) {
     return false;
   }
-  // Four columns also where eight cannot launch: 11x11's 108 KB a block exceed what sm_86 and
-  // sm_89 offer (99 KB), four columns' 54 KB do not.
-  if constexpr (sizeof(scalar_t) == 2) {
-    if (settings.kernel_width <= kLargestWide && rows_of_groups<scalar_t, kWideColumns>(shape, {&x, &y}) &&
-        launch_forward<scalar_t, kWideColumns>(x, y, shape, settings.kernel_width, k)) {
-      return true;
-    }
-  }
-  return rows_of_groups<scalar_t, 4>(shape, {&x, &y}) &&
-         launch_forward<scalar_t, 4>(x, y, shape, settings.kernel_width, k);
+  return launch_with_columns<scalar_t>(shape, {&x, &y}, settings.kernel_width <= kLargestWide, [&](auto columns) {
+    return launch_forward<scalar_t, decltype(columns)::value>(x, y, shape, settings.kernel_width, k);
+  });
 }
 
 template bool forward_in_registers<float>(const at::Tensor&, const at::Tensor&, const PlaneShape&, const Settings&,

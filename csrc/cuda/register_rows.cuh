@@ -31,6 +31,8 @@
 namespace spatialnorm::cuda {
 
 constexpr int kSegmentBlockThreads = 256;
+// The columns a thread owns where 16-bit rows allow it: one 16-byte load a row, as float32's four.
+constexpr int kWideColumns = 8;
 constexpr unsigned int kAllLanes = 0xffffffffu;
 
 // How the planes are cut into segments: each takes a band of rows of a plane and a stretch of
@@ -436,6 +438,22 @@ class History {
 template <typename scalar_t, int kColumns>
 bool rows_of_groups(const PlaneShape& shape, std::initializer_list<const at::Tensor*> tensors) {
   return rows_of_aligned_groups(shape.width, kColumns, alignof(Stored<scalar_t, kColumns>), tensors);
+}
+
+// launch(std::integral_constant<int, columns>) with kWideColumns columns a thread where `wide` and a
+// 16-bit type allow it and the rows are whole, aligned groups of eight in every tensor; with four
+// where they are groups of four and that did not launch (a device offering less shared memory
+// than eight columns' rings take: 11x11's 108 KB a block against sm_86's 99 KB). Whether one launched.
+template <typename scalar_t, typename Launch>
+bool launch_with_columns(const PlaneShape& shape, std::initializer_list<const at::Tensor*> tensors, bool wide,
+                         const Launch& launch) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    if (wide && rows_of_groups<scalar_t, kWideColumns>(shape, tensors) &&
+        launch(std::integral_constant<int, kWideColumns>())) {
+      return true;
+    }
+  }
+  return rows_of_groups<scalar_t, 4>(shape, tensors) && launch(std::integral_constant<int, 4>());
 }
 
 // Warps of `kernel` (launched in blocks of kSegmentBlockThreads) the current device holds at once.
