@@ -3,7 +3,8 @@
 // register_forward.cu, carried one sum further.
 //
 // dX = dY*P - c*X*M(G) with P = T^-beta and G = dY*X*T^(-beta-1) (docs/definition.md). A thread
-// owns four consecutive columns and walks down a band of rows, one row of X per step. The row's
+// owns four consecutive columns (eight of a 16-bit type up to 5x5 where the rows are whole groups
+// of eight: kLargestWide) and walks down a band of rows, one row of X per step. The row's
 // squares give, by warp shuffles, their window sums along the row, and the last kh of those rows
 // give T of the row kBottom steps up. That row's dY (loaded with a lag of kBottom rows) and X (kept
 // since it was read) give its G and P; G's sums along the mirrored window, again by shuffles, and
@@ -25,23 +26,33 @@
 namespace spatialnorm::cuda {
 namespace {
 
-// Consecutive columns a thread owns: four in every dtype (not the 16-bit forward's eight: with four,
-// the rings and sums already take 80 to 128 registers a thread).
-constexpr int kColumns = 4;
 // Up to 9x9 in float32, float16 and bfloat16; float64 keeps to the tiles.
 template <typename scalar_t>
 constexpr int kLargestWindow = std::is_same_v<at::opmath_type<scalar_t>, float> ? 9 : 0;
+// Columns a thread owns: four, or kWideColumns of a 16-bit type up to kLargestWide where the rows
+// are whole, aligned groups of eight: one 16-byte load of X and one of dY a row, and a step's fixed
+// costs shared among twice the elements. Eight columns keep their rings in shared memory from 3x3
+// (Rings), 112 KB a block at 5x5; from 6x6 a block would take more than half a multiprocessor's.
+// On an H200 (32x64x112x112, us) four / eight columns took bfloat16 2x2 62.5 / 54.4, 3x3 71.5 /
+// 65.4, 4x4 75.7 / 67.0, 5x5 89.6 / 75.7; float16 within 1.5 us of those.
+constexpr int kLargestWide = 5;
 // Loads of X and of dY in flight per thread ahead of the row it sums (three: no faster, more
-// registers).
+// registers; eight columns of bfloat16 on an H200 took 2x2 54.5, 3x3 67.1, 4x4 68.0, 5x5 78.4 us
+// with three, against 54.4, 65.4, 67.0, 75.7 with two).
 constexpr int kRowsAhead = 2;
-// Rows a prefetch into L2 takes at once (RowQueue), of X and of dY. On an H200 (32x64x112x112)
-// float32 2x2..5x5 took 92.6/109.8/112.0/123.2 us without prefetches, 91.4/90.8/93.4/118.1 with
-// runs of 4 rows (runs of 2: 87.3/99.6/101.3/119.3); bfloat16 64.1/68.4/84.9/87.7 without,
-// 61.8/71.7/76.7/89.7 with runs of 4 (of 2: 65.9/73.4/81.9/91.1).
-constexpr int kPrefetchRows = 4;
+// Rows a prefetch into L2 takes at once (RowQueue), of X and of dY: 4, and 2 for eight columns from
+// 5x5 (1 KB a segment of 32 lanes). On an H200 (32x64x112x112) float32 2x2..5x5 took
+// 92.6/109.8/112.0/123.2 us without prefetches, 91.4/90.8/93.4/118.1 with runs of 4 rows (runs of
+// 2: 87.3/99.6/101.3/119.3); bfloat16 64.1/68.4/84.9/87.7 without, 61.8/71.7/76.7/89.7 with runs
+// of 4 (of 2: 65.9/73.4/81.9/91.1); eight columns of bfloat16 with runs of 4 / 2: 54.4 / 60.0,
+// 65.4 / 64.7, 67.0 / 69.6, 78.5 / 75.7; four columns from 6x6 with runs of 4 / 2, float32 6x6..9x9
+// 101.3/112.3/110.6/143.1 / 111.1/120.0/123.8/141.1, bfloat16 93.2/108.0/104.2/119.5 /
+// 92.7/107.4/109.6/123.1.
+template <int kColumns, int kSize>
+constexpr int kPrefetchRows = kColumns == kWideColumns && kSize >= 5 ? 2 : 4;
 // M(G) at a lane's columns needs G up to kSize / 2 columns beyond them, and that G needs T, so
 // the squares, as far again: the lanes within twice the reach only lend.
-template <int kSize>
+template <int kSize, int kColumns>
 constexpr int kHaloLanes = lanes_reached(2 * (kSize / 2), kColumns);
 
 // Blocks of the kernel below a multiprocessor's 228 KB of shared memory hold (1 KB of it
@@ -51,16 +62,18 @@ constexpr int blocks_held(size_t bytes) { return static_cast<int>(228 * 1024 / (
 // A thread's rings: X of the rows read, until their outputs are written; P, until its row's M(G)
 // is complete; the column sums of the squares' row sums (T) and of G's. A block of the kernel
 // below takes shared_bytes() of shared memory.
-template <typename scalar_t, int kSize>
+template <typename scalar_t, int kColumns, int kSize>
 class Rings {
   using Group = Stored<scalar_t, kColumns>;
   using Values = Lanes<at::opmath_type<scalar_t>, kColumns>;
 
  public:
-  // In registers up to 4x4 in float32 and 5x5 in 16-bit types, in shared memory beyond. On an
-  // H200 (32x64x112x112, float32 / bfloat16, us), in registers: 4x4 94.1 / 76.9, 5x5 119.1 (84
-  // bytes spilled) / 90.4; in shared memory: 99.5 / 85.9 and 103.7 / 96.4.
-  static constexpr Storage kIn = kSize <= (sizeof(scalar_t) == 4 ? 4 : 5) ? Storage::kRegisters : Storage::kShared;
+  // In registers up to 4x4 in float32 and 5x5 in 16-bit types (2x2 for eight columns: 3x3
+  // spilled 164 bytes at 128 registers), in shared memory beyond. On an H200 (32x64x112x112,
+  // float32 / bfloat16, us), in registers: 4x4 94.1 / 76.9, 5x5 119.1 (84 bytes spilled) / 90.4;
+  // in shared memory: 99.5 / 85.9 and 103.7 / 96.4.
+  static constexpr int kLargestInRegisters = kColumns == kWideColumns ? 2 : sizeof(scalar_t) == 4 ? 4 : 5;
+  static constexpr Storage kIn = kSize <= kLargestInRegisters ? Storage::kRegisters : Storage::kShared;
 
  private:
   template <int kDepth>
@@ -94,9 +107,11 @@ class Rings {
 
   // Blocks per multiprocessor the registers must admit: with the rings in registers three (80
   // registers a thread) where they fit without spilling, else two (128); in shared memory as many
-  // as it holds, at most three.
+  // as it holds, at most three. Eight columns: two (three spilled 88 bytes at 3x3, 296 at 2x2).
   static constexpr int min_blocks() {
-    if constexpr (kIn == Storage::kShared) {
+    if constexpr (kColumns == kWideColumns) {
+      return 2;
+    } else if constexpr (kIn == Storage::kShared) {
       return std::min(blocks_held(shared_bytes()), 3);
     } else {
       return (sizeof(scalar_t) == 2 ? kSize <= 3 : kSize <= 2) ? 3 : 2;
@@ -104,8 +119,8 @@ class Rings {
   }
 };
 
-template <typename scalar_t, int kSize>
-__global__ void __launch_bounds__(kSegmentBlockThreads, Rings<scalar_t, kSize>::min_blocks())
+template <typename scalar_t, int kColumns, int kSize>
+__global__ void __launch_bounds__(kSegmentBlockThreads, Rings<scalar_t, kColumns, kSize>::min_blocks())
     register_backward_kernel(const scalar_t* __restrict__ grad_output, const scalar_t* __restrict__ input,
                              scalar_t* __restrict__ grad_input, Segments s, Coefficients<at::opmath_type<scalar_t>> k) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -113,23 +128,24 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, Rings<scalar_t, kSize>::
   using Values = Lanes<opmath_t, kColumns>;
   constexpr int kBefore = kSize / 2, kAfter = (kSize - 1) / 2;  // W's extent; M's is its mirror image
   constexpr int kLag = kSize - 1;                                 // steps from reading a row to writing it
+  constexpr int kPrefetch = kPrefetchRows<kColumns, kSize>;
   const Place place = locate<kColumns>(s);
   const scalar_t* x = input + place.plane_offset;
   const scalar_t* dy = grad_output + place.plane_offset;
   scalar_t* dx = grad_input + place.plane_offset;
   // The row of X read at step 0; T and G of row r are made at step r - first_row + kAfter.
   const int first_row = place.row0 - kLag;
-  RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetchRows> x_rows(x, s, place, first_row);
+  RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetch> x_rows(x, s, place, first_row);
   // dY of the row whose T a step makes, from the first that makes one.
-  RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetchRows, kLag> dy_rows(dy, s, place, first_row - kAfter);
-  using KernelRings = Rings<scalar_t, kSize>;
+  RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetch, kLag> dy_rows(dy, s, place, first_row - kAfter);
+  using KernelRings = Rings<scalar_t, kColumns, kSize>;
   // X of the row a step writes, where the rings do not keep it (made by a lambda so that kernels
   // whose rings keep X build no queue: its prefetches, asm volatile, would stay).
   [[maybe_unused]] auto x_again = [&] {
     if constexpr (KernelRings::kKeepsX) {
       return 0;
     } else {
-      return RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetchRows, 2 * kLag>(x, s, place, first_row - kLag);
+      return RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetch, 2 * kLag>(x, s, place, first_row - kLag);
     }
   }();
   extern __shared__ __align__(16) unsigned char shared[];
@@ -195,27 +211,37 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, Rings<scalar_t, kSize>::
   }
 }
 
-}  // namespace
-
-template <typename scalar_t>
-bool backward_in_registers(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const PlaneShape& shape,
-                           const Settings& settings, const Coefficients<at::opmath_type<scalar_t>>& k) {
-  if (settings.kernel_width != settings.kernel_height || settings.kernel_width > kLargestWindow<scalar_t> ||
-      !rows_of_groups<scalar_t, kColumns>(shape, {&dy, &x, &dx})) {
-    return false;
-  }
+// Launches the kernel for the window size with threads of kColumns columns, if it has one.
+template <typename scalar_t, int kColumns>
+bool launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const PlaneShape& shape,
+                     int64_t size, const Coefficients<at::opmath_type<scalar_t>>& k) {
+  constexpr int kLargest = kColumns == kWideColumns ? kLargestWide : kLargestWindow<scalar_t>;
   bool launched = false;
-  using Sizes = std::make_integer_sequence<int, kLargestWindow<scalar_t> + 1>;  // 0 to the largest
-  with_window_size(settings.kernel_width, Sizes(), [&](auto size) {
+  using Sizes = std::make_integer_sequence<int, kLargest + 1>;  // 0 to the largest
+  with_window_size(size, Sizes(), [&](auto size) {
     constexpr int kSize = decltype(size)::value;
     if constexpr (kSize >= 2) {
-      launched = launch_over_segments(register_backward_kernel<scalar_t, kSize>, shape, kColumns, kHaloLanes<kSize>,
-                                      2 * (kSize - 1), Rings<scalar_t, kSize>::shared_bytes(), k,
+      launched = launch_over_segments(register_backward_kernel<scalar_t, kColumns, kSize>, shape, kColumns,
+                                      kHaloLanes<kSize, kColumns>, 2 * (kSize - 1),
+                                      Rings<scalar_t, kColumns, kSize>::shared_bytes(), k,
                                       dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                       dx.mutable_data_ptr<scalar_t>());
     }
   });
   return launched;
+}
+
+}  // namespace
+
+template <typename scalar_t>
+bool backward_in_registers(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const PlaneShape& shape,
+                           const Settings& settings, const Coefficients<at::opmath_type<scalar_t>>& k) {
+  if (settings.kernel_width != settings.kernel_height || settings.kernel_width > kLargestWindow<scalar_t>) {
+    return false;
+  }
+  return launch_with_columns<scalar_t>(shape, {&dy, &x, &dx}, settings.kernel_width <= kLargestWide, [&](auto columns) {
+    return launch_backward<scalar_t, decltype(columns)::value>(dy, x, dx, shape, settings.kernel_width, k);
+  });
 }
 
 template bool backward_in_registers<float>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
