@@ -13,7 +13,7 @@
 // once; a thread keeps its rows of X, T's and M(G)'s row sums and P for as many steps as the
 // windows reach: in registers for small windows, in its own slots of shared memory beyond (Rings,
 // register_rows.cuh). G is taken as 0 outside the plane, whatever T is there; the lanes at a
-// segment's ends only lend (see kHaloLanes).
+// segment's ends only lend (see kReach).
 #include "register_kernels.h"
 
 #include "powers.cuh"
@@ -51,9 +51,9 @@ constexpr int kRowsAhead = 2;
 template <int kColumns, int kSize>
 constexpr int kPrefetchRows = kColumns == kWideColumns && kSize >= 5 ? 2 : 4;
 // M(G) at a lane's columns needs G up to kSize / 2 columns beyond them, and that G needs T, so
-// the squares, as far again: the lanes within twice the reach only lend.
-template <int kSize, int kColumns>
-constexpr int kHaloLanes = lanes_reached(2 * (kSize / 2), kColumns);
+// the squares, as far again: the lanes that twice the reach takes at a segment's ends only lend.
+template <int kSize>
+constexpr int kReach = 2 * (kSize / 2);
 
 // Blocks of the kernel below a multiprocessor's 228 KB of shared memory hold (1 KB of it
 // reserved a block) where each takes `bytes`.
@@ -222,7 +222,7 @@ bool launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
     constexpr int kSize = decltype(size)::value;
     if constexpr (kSize >= 2) {
       launched = launch_over_segments(register_backward_kernel<scalar_t, kColumns, kSize>, shape, kColumns,
-                                      kHaloLanes<kSize, kColumns>, 2 * (kSize - 1),
+                                      kReach<kSize>, 2 * (kSize - 1),
                                       Rings<scalar_t, kColumns, kSize>::shared_bytes(), k,
                                       dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                       dx.mutable_data_ptr<scalar_t>());

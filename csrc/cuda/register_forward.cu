@@ -58,9 +58,10 @@ constexpr int kRowsAhead = 2;
 template <typename scalar_t, int kColumns, int kHeight>
 constexpr int kPrefetchRows =
     (kColumns == kWideColumns && kHeight >= 6 ? 2048 : 1024) / (32 * sizeof(scalar_t) * kColumns);
-// Lanes on each side of a segment that only lend their column sums to the sums along the row.
-template <int kWidth, int kColumns>
-constexpr int kHaloLanes = lanes_reached(kWidth / 2, kColumns);
+// Columns a window reaches beyond a thread's own on either side (kLeft, at least kRight): the lanes
+// they take at a segment's ends only lend their column sums to the sums along the row.
+template <int kWidth>
+constexpr int kReach = kWidth / 2;
 
 // Where a thread's rings lie: in registers where the column sums' ring takes at most 20 (four
 // columns up to 5x5, eight at 2x2). On an H200 (32x64x112x112, float32 / bfloat16, us) the rings
@@ -151,7 +152,7 @@ bool launch_forward(const at::Tensor& x, const at::Tensor& y, const PlaneShape& 
     constexpr int kSize = decltype(size)::value;
     if constexpr (kSize >= 2) {
       launched = launch_over_segments(register_forward_kernel<scalar_t, kColumns, kSize, kSize>, shape, kColumns,
-                                      kHaloLanes<kSize, kColumns>, kSize - 1,
+                                      kReach<kSize>, kSize - 1,
                                       Rings<scalar_t, kColumns, kSize>::shared_bytes(), k, x.const_data_ptr<scalar_t>(),
                                       y.mutable_data_ptr<scalar_t>());
     }

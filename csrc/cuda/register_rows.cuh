@@ -6,9 +6,9 @@
 //
 // Threads side by side along a row form a segment of 4 to 32 lanes of a warp. A window reaches one
 // or two lanes beyond a thread's own columns, so a sum that needs its neighbours' values is right
-// everywhere but in the lanes at a segment's ends (halo_lanes says how many lanes on each side a
-// kernel gives up: each kernel's kHaloLanes). Those halo lanes only lend; the others write their
-// columns.
+// everywhere but in the lanes at a segment's ends (Segments::halo_lanes on each side, as many as
+// the columns each kernel's windows reach beyond a thread's own take: its kReach). Those halo
+// lanes only lend; the others write their columns.
 #pragma once
 
 #include "../spatial_norm.h"
@@ -466,9 +466,10 @@ int64_t resident_warps(Kernel kernel, size_t shared_bytes) {
   return int64_t{blocks} * multiprocessors * (kSegmentBlockThreads / 32);
 }
 
-// Segments of 32, 16, 8 or 4 lanes (at least 2 * halo_lanes + 1), whichever has the fewest lanes
-// in all for the plane's width (ties: the widest, whose halo lanes are fewer); nothing where a
-// plane's offsets or the indices would not fit 32 bits.
+// Segments of 32, 16, 8 or 4 lanes, whichever has the fewest lanes in all for the plane's width
+// (ties: the widest, whose halo lanes are fewer): on either side as many halo lanes as `reach`
+// columns beyond a thread's own take, and at least one lane that writes. Nothing where a plane's
+// offsets or the indices would not fit 32 bits.
 //
 // Bands of kMinBandRows to kMaxBandRows rows, evened out over the plane, each reading rows_beyond
 // rows more: as tall as the waves of resident warps (at least one) allow. A segment's warp takes about a step
@@ -476,8 +477,9 @@ int64_t resident_warps(Kernel kernel, size_t shared_bytes) {
 // fewest wins, ties the fewest bands. Tall bands read fewer halo rows, but a last wave that is
 // mostly empty leaves the GPU idle for as long as a full one (bfloat16 3x3 gradient on an H200,
 // 32x64x112x112 in 2.6 waves of bands of 28 rows: 74 us; in 1.3 waves of 56 rows: 84 us).
-inline std::optional<Segments> segments_for(const PlaneShape& shape, int columns, int halo_lanes, int rows_beyond,
+inline std::optional<Segments> segments_for(const PlaneShape& shape, int columns, int reach, int rows_beyond,
                                             int64_t resident_warps) {
+  const int halo_lanes = lanes_reached(reach, columns);
   constexpr int kMinBandRows = 16;
   constexpr int kMaxBandRows = 64;
   constexpr int64_t kLimit = std::numeric_limits<int>::max();
@@ -527,11 +529,12 @@ inline std::optional<Segments> segments_for(const PlaneShape& shape, int columns
 }
 
 // Launches kernel(pointers..., segments, k) on the current stream over the planes cut into
-// segments of threads owning `columns` columns each (segments_for), with shared_bytes of dynamic
+// segments of threads owning `columns` columns each, whose windows reach `reach` columns beyond
+// them and rows_beyond rows beyond a band (segments_for), with shared_bytes of dynamic
 // shared memory a block; false, launching nothing, where they cannot be, or where the device
 // offers a block less shared memory than that (float32 17x17 takes 100 KB, sm_86 offers 99).
 template <typename Kernel, typename Coefficients, typename... Pointers>
-bool launch_over_segments(Kernel kernel, const PlaneShape& shape, int columns, int halo_lanes, int rows_beyond,
+bool launch_over_segments(Kernel kernel, const PlaneShape& shape, int columns, int reach, int rows_beyond,
                           size_t shared_bytes, const Coefficients& k, Pointers... pointers) {
   if (shared_bytes > 48 * 1024) {  // beyond the default, a kernel must ask for it
     int device = 0, per_block = 0;
@@ -545,7 +548,7 @@ bool launch_over_segments(Kernel kernel, const PlaneShape& shape, int columns, i
   }
   const int64_t warps = resident_warps(kernel, shared_bytes);
   const std::optional<Segments> segments =
-      warps > 0 ? segments_for(shape, columns, halo_lanes, rows_beyond, warps) : std::nullopt;
+      warps > 0 ? segments_for(shape, columns, reach, rows_beyond, warps) : std::nullopt;
   if (!segments) {
     return false;
   }
