@@ -92,6 +92,8 @@ class Rings {
   // loaded again (from L1 or L2) for the output: where keeping it would leave room for one block
   // only. On an H200 float32 9x9 took 195.4 us kept (120 KB a block, one block), 146.9 loaded
   // again (104 KB, two blocks); 8x8 115.7 kept, 130.4 loaded again (two blocks either way).
+  // Loading it again where that lets a third block fit lost too: bfloat16 7x7 107.0 -> 118.3 us
+  // (80 -> 74 KB a block), float32 6x6 100.7 -> 152.0 (three blocks' 80 registers spilled 100 bytes).
   static constexpr bool kKeepsX = blocks_held(bytes_keeping_x<kSize - 1>()) >= 2;
   static constexpr int kXDepth = kKeepsX ? kSize - 1 : (kSize - 1) / 2;
 
