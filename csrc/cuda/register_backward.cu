@@ -21,7 +21,6 @@
 
 #include <algorithm>
 #include <type_traits>
-#include <utility>
 
 namespace spatialnorm::cuda {
 namespace {
@@ -218,19 +217,13 @@ template <typename scalar_t, int kColumns>
 bool launch_backward(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const PlaneShape& shape,
                      int64_t size, const Coefficients<at::opmath_type<scalar_t>>& k) {
   constexpr int kLargest = kColumns == kWideColumns ? kLargestWide : kLargestWindow<scalar_t>;
-  bool launched = false;
-  using Sizes = std::make_integer_sequence<int, kLargest + 1>;  // 0 to the largest
-  with_window_size(size, Sizes(), [&](auto size) {
+  return with_window_size<kLargest>(size, [&](auto size) {
     constexpr int kSize = decltype(size)::value;
-    if constexpr (kSize >= 2) {
-      launched = launch_over_segments(register_backward_kernel<scalar_t, kColumns, kSize>, shape, kColumns,
-                                      kReach<kSize>, 2 * (kSize - 1),
-                                      Rings<scalar_t, kColumns, kSize>::shared_bytes(), k,
-                                      dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                                      dx.mutable_data_ptr<scalar_t>());
-    }
+    return launch_over_segments(register_backward_kernel<scalar_t, kColumns, kSize>, shape, kColumns, kReach<kSize>,
+                                2 * (kSize - 1), Rings<scalar_t, kColumns, kSize>::shared_bytes(), k,
+                                dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                dx.mutable_data_ptr<scalar_t>());
   });
-  return launched;
 }
 
 }  // namespace

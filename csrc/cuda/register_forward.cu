@@ -146,18 +146,12 @@ template <typename scalar_t, int kColumns>
 bool launch_forward(const at::Tensor& x, const at::Tensor& y, const PlaneShape& shape, int64_t size,
                     const Coefficients<at::opmath_type<scalar_t>>& k) {
   constexpr int kLargest = kColumns == kWideColumns ? kLargestWide : kLargestWindow<scalar_t>;
-  bool launched = false;
-  using Sizes = std::make_integer_sequence<int, kLargest + 1>;  // 0 to the largest
-  with_window_size(size, Sizes(), [&](auto size) {
+  return with_window_size<kLargest>(size, [&](auto size) {
     constexpr int kSize = decltype(size)::value;
-    if constexpr (kSize >= 2) {
-      launched = launch_over_segments(register_forward_kernel<scalar_t, kColumns, kSize, kSize>, shape, kColumns,
-                                      kReach<kSize>, kSize - 1,
-                                      Rings<scalar_t, kColumns, kSize>::shared_bytes(), k, x.const_data_ptr<scalar_t>(),
-                                      y.mutable_data_ptr<scalar_t>());
-    }
+    return launch_over_segments(register_forward_kernel<scalar_t, kColumns, kSize, kSize>, shape, kColumns,
+                                kReach<kSize>, kSize - 1, Rings<scalar_t, kColumns, kSize>::shared_bytes(), k,
+                                x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>());
   });
-  return launched;
 }
 
 }  // namespace

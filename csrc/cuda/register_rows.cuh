@@ -560,10 +560,18 @@ bool launch_over_segments(Kernel kernel, const PlaneShape& shape, int columns, i
   return true;
 }
 
-// Calls run(std::integral_constant<int, size>) if size is one of kSizes; whether it was.
-template <int... kSizes, typename Run>
-bool with_window_size(int64_t size, std::integer_sequence<int, kSizes...>, Run run) {
-  return ((size == kSizes && (run(std::integral_constant<int, kSizes>()), true)) || ...);
+template <typename Launch, int... kAboveTwo>
+bool with_window_size(int64_t size, const Launch& launch, std::integer_sequence<int, kAboveTwo...>) {
+  bool launched = false;
+  ((size == kAboveTwo + 2 && (launched = launch(std::integral_constant<int, kAboveTwo + 2>()), true)) || ...);
+  return launched;
+}
+
+// launch(std::integral_constant<int, size>)'s result where size is from 2 to kLargest; false,
+// launching nothing, for any other size.
+template <int kLargest, typename Launch>
+bool with_window_size(int64_t size, const Launch& launch) {
+  return with_window_size(size, launch, std::make_integer_sequence<int, kLargest >= 2 ? kLargest - 1 : 0>());
 }
 
 }  // namespace spatialnorm::cuda
