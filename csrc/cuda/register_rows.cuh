@@ -14,6 +14,7 @@
 #include "../spatial_norm.h"
 #include "divider.cuh"
 #include "lanes.cuh"
+#include "tiles.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
@@ -460,11 +461,7 @@ bool launch_with_columns(const PlaneShape& shape, std::initializer_list<const at
 // Warps of `kernel` (launched in blocks of kSegmentBlockThreads) the current device holds at once.
 template <typename Kernel>
 int64_t resident_warps(Kernel kernel, size_t shared_bytes) {
-  int blocks = 0, multiprocessors = 0, device = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kSegmentBlockThreads, shared_bytes));
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device));
-  return int64_t{blocks} * multiprocessors * (kSegmentBlockThreads / 32);
+  return resident_blocks(kernel, kSegmentBlockThreads, shared_bytes) * (kSegmentBlockThreads / 32);
 }
 
 // Segments of 32, 16, 8 or 4 lanes, whichever has the fewest lanes in all for the plane's width
