@@ -60,6 +60,21 @@ def test_line_passes(shape, kernel, generator):
     run_both(x.float().double(), dy.float().double(), kernel, SETTINGS[1], torch.float32)
 
 
+@pytest.mark.parametrize("width", [296, 299])  # 296: rows of 16-byte groups in every dtype; three strips
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_strips(dtype, width, generator):
+    """The forward of windows from 32 rows or columns on walks blocks down strips: a plane wider than
+    a strip, one plane only (bands of rows), and windows taller and wider than a step's rows."""
+    x = random_image((1, 1, 150, width), 2.0, generator).to(dtype).double()
+    x.view(-1)[torch.randint(x.numel(), (3,), generator=generator)] = 1e3  # spikes well inside every dtype's range
+    dy = random_image((1, 1, 150, width), 1.0, generator).to(dtype).double()
+    on_gpu = x.to("cuda", dtype)
+    for kernel in [(35, 33), (3, 40), (70, 5)]:
+        run_both(x, dy, kernel, SETTINGS[1], dtype)
+        torch.full_like(on_gpu, float("nan"))  # freed at once: the output below takes its memory
+        assert torch.isfinite(sn.spatial_normalization(on_gpu, *kernel, **SETTINGS[1])).all()
+
+
 def test_nan_and_inf_stay_in_their_windows():
     x = torch.randn(1, 2, 40, 50, dtype=torch.float64)
     x[0, 0, 5, 6] = float("nan")
@@ -128,6 +143,7 @@ def test_compute_sanitizer_is_clean(tool):
         "    sn.spatial_normalization(x, 5, 3); sn.spatial_normalization_gradient(g, x, 9, 6)\n"
         "    sn.spatial_normalization(x, 5); sn.spatial_normalization(x[:, :, :7], 2)\n"  # in registers
         "    sn.spatial_normalization(x, 9); sn.spatial_normalization(x, 13)\n"  # rings in shared memory
+        "    sn.spatial_normalization(torch.randn(1, 2, 90, 300, device='cuda', dtype=dtype), 35, 33)\n"  # strips
         "    sn.spatial_normalization_gradient(g, x, 3); sn.spatial_normalization_gradient(g[:, :, :7], x[:, :, :7], 2)\n"
         "    sn.spatial_normalization_gradient(g, x, 5); sn.spatial_normalization_gradient(g, x, 9)\n"  # in shared memory
         "torch.cuda.synchronize()\n"

@@ -202,7 +202,9 @@ __device__ inline void chunked_window_sums(Term term, int count, int window, Emi
 template <int kMaxChunk, typename Term, typename Emit>
 __device__ inline void window_sums(Term term, int count, int longest, int window, Emit emit) {
   const int reach = min(window, longest);
-  if (kMaxChunk >= 8 && reach >= 8) {
+  if (kMaxChunk >= 16 && reach >= 16) {
+    chunked_window_sums<16>(term, count, window, emit);
+  } else if (kMaxChunk >= 8 && reach >= 8) {
     chunked_window_sums<8>(term, count, window, emit);
   } else if (kMaxChunk >= 4 && reach >= 4) {
     chunked_window_sums<4>(term, count, window, emit);

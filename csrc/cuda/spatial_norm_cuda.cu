@@ -13,13 +13,16 @@
 // lines instead (line_passes.cuh), whose cost does not grow with the window. The forward of square
 // windows up to 17x17 and the gradient of those up to 9x9, over rows of whole, aligned groups of
 // four values, keep each thread's sums to itself instead (register_forward.cu,
-// register_backward.cu): a warp walks down a band of rows, with no barrier.
+// register_backward.cu): a warp walks down a band of rows, with no barrier. The forward of windows
+// from 32 rows or columns on walks a block down a strip of a plane, reading each row once
+// (strip_forward.cu).
 #include "../spatial_norm.h"
 #include "coefficients.cuh"
 #include "line_passes.cuh"
 #include "powers.cuh"
 #include "register_kernels.h"
 #include "shared_tile.cuh"
+#include "strip_kernels.h"
 #include "tiles.cuh"
 
 #include <ATen/Dispatch.h>
@@ -437,7 +440,7 @@ at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_forward_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto k = coefficients<opmath_t>(settings);
-    if (forward_in_registers<scalar_t>(x, y, shape, settings, k)) {
+    if (forward_in_registers<scalar_t>(x, y, shape, settings, k) || forward_by_strips<scalar_t>(x, y, shape, settings, k)) {
       return;
     }
     with_group_size<scalar_t>(shape, {&x, &y}, [&](auto group) {

@@ -1,0 +1,199 @@
+// The forward for large windows. A block owns a strip of a plane's columns (the whole width up to
+// kStripColumns) and walks down a band of its rows (a whole plane where there are planes enough to
+// fill the GPU), kChunkRows input rows a step: it loads them with the windows' halo columns,
+// squares them into shared memory, takes their window sums along the rows into a ring that keeps
+// the row sums of the last kh - 1 + kChunkRows input rows, and then the window sums down the
+// ring's columns of every output row whose window the ring now holds, writing those rows' output.
+// A tile (spatial_norm_cuda.cu) loads its window's halo rows again for every tile down a plane,
+// which grows with the window; a band reads each of its rows once, and a strip that spans the plane
+// reads no halo columns either. Both passes sum the windows in chunks (window_sums), so that every
+// sum is made of its own window's terms only, as everywhere in the package (docs/definition.md).
+#include "strip_kernels.h"
+
+#include "powers.cuh"
+#include "shared_tile.cuh"
+#include "tiles.cuh"
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+namespace spatialnorm::cuda {
+namespace {
+
+constexpr int kStripThreads = 256;
+// The windows that take strips, by their larger side. On an H200 (32x64x112x112, us, tiles /
+// strips) float32 took 31x31 134.0 / 133.4, 39x39 167.2 / 146.6, 47x47 184.8 / 156.0, 63x63 433.8 /
+// 198.0, 101x101 1404 / 318; bfloat16 31x31 122.7 / 122.8, 47x47 176.1 / 163.7, 63x63 436.7 /
+// 187.4, 101x101 (line passes) 436.6 / 298.5. Below 31x31 the tiles won (19x19 float32 113.5
+// against 128.7 with sums of 8 rows down the columns).
+constexpr int kStripsFrom = 32;
+constexpr int kStripColumns = 128;
+// Input rows a step takes. On that H200 float32 31x31 took 148 us with 32 rows (four blocks a
+// multiprocessor), 178 with 16 (more steps, each paying for its loads' latency and two barriers),
+// 184 with 64 (two blocks).
+constexpr int kChunkRows = 32;
+// Output rows a thread sums down a column at once (window_sums' chunks): 16 rows read about
+// (kh + 15) / 16 terms an output instead of (kh + 7) / 8 (float32 31x31 148 -> 133 us).
+constexpr int kColumnStretch = 16;
+
+// Rows of the ring: input row i of a band (from its first window's top row) lies at i % rows.
+__host__ __device__ inline int ring_rows(Extents w) { return w.height() - 1 + kChunkRows; }
+
+template <typename opmath_t>
+struct StripArrays {
+  SharedArray<opmath_t> squares;   // of a step's input rows, with the windows' halo columns, in groups
+  SharedArray<opmath_t> row_sums;  // the ring
+
+  __host__ __device__ StripArrays(SharedLayout& layout, int columns, Extents w, int group)
+      : squares(layout.take<opmath_t>(kChunkRows, grouped_columns(columns + w.width() - 1, group))),
+        row_sums(layout.take<opmath_t>(ring_rows(w), columns)) {}
+};
+
+// The passes of a step, set up for the launch's widest strip.
+struct StripPasses {
+  RegionLoad x;     // loading the input rows' squares
+  RowPass rows;     // window sums along them, into the ring
+  Divider columns;  // threads side by side down the ring's columns
+
+  StripPasses(const TileGrid& grid, Extents w, int group)
+      : x(grid.tile_columns + w.width() - 1, group, kStripThreads),
+        rows(kChunkRows, grid.tile_columns, kStripThreads),
+        columns(static_cast<unsigned int>(grid.tile_columns)) {}
+};
+
+// For each of the first `columns` columns and each r < count, emit(column, r, sum) gets the sum of
+// the ring's rows from first_row + r (wrapping around) down `window` rows. Consecutive threads
+// take consecutive columns, each kColumnStretch output rows of one.
+template <typename T, typename Emit>
+__device__ inline void slide_ring_columns(const SharedArray<T>& ring, int rows, const Divider& across, int columns,
+                                          int first_row, int count, int window, Emit emit) {
+  const unsigned int items = across.divisor * ((count + kColumnStretch - 1) / kColumnStretch);
+  for (unsigned int item = threadIdx.x; item < items; item += blockDim.x) {
+    const auto at = across.divmod(item);
+    const int column = at.mod;
+    const int begin = static_cast<int>(at.div) * kColumnStretch;
+    if (column < columns) {
+      const int first = first_row + begin < rows ? first_row + begin : first_row + begin - rows;
+      window_sums<kColumnStretch>(
+          [&](int j) { return ring(first + j < rows ? first + j : first + j - rows, column); },
+          min(kColumnStretch, count - begin), kColumnStretch, window,
+          [&](int i, T sum) { emit(column, begin + i, sum); });
+    }
+  }
+}
+
+// Four blocks a multiprocessor (64 registers a thread) where the arrays are float32 (31x31 takes
+// 48 KB); float64's take twice the shared memory, which holds two at most.
+template <typename opmath_t>
+constexpr int kMinBlocks = sizeof(opmath_t) == 8 ? 2 : 4;
+
+template <typename scalar_t, int kGroup>
+__global__ void __launch_bounds__(kStripThreads, kMinBlocks<at::opmath_type<scalar_t>>)
+    strip_forward_kernel(const scalar_t* __restrict__ input, scalar_t* __restrict__ output, TileGrid grid,
+                         StripPasses passes, Extents w, Coefficients<at::opmath_type<scalar_t>> k) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  extern __shared__ __align__(16) unsigned char shared[];
+  SharedLayout layout(shared);
+  const StripArrays<opmath_t> a(layout, grid.tile_columns, w, kGroup);
+  const Tile band = grid.locate();
+  const int64_t offset = band.plane * grid.height * int64_t{grid.width};
+  const int lag = w.height() - 1;  // input rows between an output row's window's first and last
+  const int ring = ring_rows(w);
+  const int inputs = band.rows + lag;
+  Region region = in_groups(reach(band.region(), w), kGroup);  // of a step's input rows
+  const int first_column = band.col0 - w.left - region.col0;   // of the first window
+  const PlaneOffsets plane(offset, band.region(), grid.height, grid.width);
+  const scalar_t* band_x = input + plane.first;
+  scalar_t* band_y = output + plane.first;
+  for (int i0 = 0; i0 < inputs; i0 += kChunkRows, region.row0 += kChunkRows) {
+    region.rows = min(kChunkRows, inputs - i0);
+    load_region<kGroup>(input + offset, grid.height, grid.width, region, passes.x,
+                        [&](int r, int c, const Lanes<opmath_t, kGroup>& x) { store_squares(a.squares, r, c, x); });
+    __syncthreads();
+    // The ring's rows this step overwrites were last read by the previous step's outputs, before
+    // the barrier above.
+    const int slot = i0 % ring;
+    slide_rows(passes.rows, a.squares, first_column, region.rows, band.columns, w.width(),
+               [&](int r, int c, opmath_t sum) { a.row_sums(slot + r < ring ? slot + r : slot + r - ring, c) = sum; });
+    __syncthreads();
+    // Output row o's window is input rows o .. o + lag: those whose last row came this step.
+    const int out0 = max(0, i0 - lag);
+    const int out_end = min(band.rows, i0 + region.rows - lag);
+    if (out0 < out_end) {  // the same for the whole block
+      const auto write_output = [&](auto powers) {
+        slide_ring_columns(a.row_sums, ring, passes.columns, band.columns, out0 % ring, out_end - out0, w.height(),
+                           [&](int c, int r, opmath_t sum) {
+                             const int at = plane.at(out0 + r, c);
+                             band_y[at] = static_cast<scalar_t>(
+                                 powers(static_cast<opmath_t>(band_x[at]), denominator(k, sum), k.neg_beta));
+                           });
+        return powers.missed;
+      };
+      if (__syncthreads_or(write_output(FastPowers()))) {
+        write_output(ExactPowers());
+      }
+    }
+  }
+}
+
+// Bands as tall as the planes, or more of them where the planes are too few for two waves of
+// blocks, each at least twice the window tall (then it reads at most half its rows again as the
+// halo). False, launching nothing, where a strip's arrays do not fit a block's shared memory or
+// offsets within a band would not fit 32 bits.
+template <typename scalar_t, int kGroup>
+bool launch_strips(const at::Tensor& x, const at::Tensor& y, const PlaneShape& shape, Extents w,
+                   const Coefficients<at::opmath_type<scalar_t>>& k) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  constexpr int64_t kLimit = std::numeric_limits<int>::max();
+  if (shape.height + 2 * int64_t{w.height()} + kChunkRows > kLimit ||
+      shape.width + 2 * int64_t{w.width()} + 2 * kGroup > kLimit) {
+    return false;
+  }
+  const auto kernel = strip_forward_kernel<scalar_t, kGroup>;
+  const TileGrid full = tile_grid(shape, static_cast<int>(shape.height), kStripColumns, kGroup);
+  SharedLayout layout(nullptr);
+  StripArrays<opmath_t>(layout, full.tile_columns, w, kGroup);
+  const size_t bytes = layout.bytes();
+  if (bytes > static_cast<size_t>(shared_memory().per_block)) {
+    return false;
+  }
+  const int64_t resident = resident_blocks(kernel, kStripThreads, bytes);
+  const int64_t strips = shape.planes * full.tiles_across.divisor;
+  const int64_t most_bands = std::max<int64_t>(1, shape.height / std::max(kChunkRows, 2 * w.height()));
+  const int64_t bands = std::min(most_bands, std::max<int64_t>(1, (2 * resident + strips - 1) / strips));
+  const TileGrid grid = tile_grid(shape, static_cast<int>((shape.height + bands - 1) / bands), kStripColumns, kGroup);
+  if (grid.blocks(shape.planes) > kLimit || int64_t{grid.tile_rows} * shape.width > kLimit) {
+    return false;
+  }
+  launch(kernel, grid.blocks(shape.planes), kStripThreads, bytes, x.const_data_ptr<scalar_t>(),
+         y.mutable_data_ptr<scalar_t>(), grid, StripPasses(grid, w, kGroup), w, k);
+  return true;
+}
+
+}  // namespace
+
+template <typename scalar_t>
+bool forward_by_strips(const at::Tensor& x, const at::Tensor& y, const PlaneShape& shape, const Settings& settings,
+                       const Coefficients<at::opmath_type<scalar_t>>& k) {
+  const Extents w = extents(settings, shape);
+  if (std::max(w.width(), w.height()) < kStripsFrom) {
+    return false;
+  }
+  bool launched = false;
+  with_group_size<scalar_t>(shape, {&x, &y}, [&](auto group) {
+    launched = launch_strips<scalar_t, decltype(group)::value>(x, y, shape, w, k);
+  });
+  return launched;
+}
+
+template bool forward_by_strips<float>(const at::Tensor&, const at::Tensor&, const PlaneShape&, const Settings&,
+                                       const Coefficients<float>&);
+template bool forward_by_strips<double>(const at::Tensor&, const at::Tensor&, const PlaneShape&, const Settings&,
+                                        const Coefficients<double>&);
+template bool forward_by_strips<c10::Half>(const at::Tensor&, const at::Tensor&, const PlaneShape&, const Settings&,
+                                           const Coefficients<float>&);
+template bool forward_by_strips<c10::BFloat16>(const at::Tensor&, const at::Tensor&, const PlaneShape&,
+                                               const Settings&, const Coefficients<float>&);
+
+}  // namespace spatialnorm::cuda
