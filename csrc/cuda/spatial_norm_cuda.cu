@@ -440,7 +440,8 @@ at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_forward_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto k = coefficients<opmath_t>(settings);
-    if (forward_in_registers<scalar_t>(x, y, shape, settings, k) || forward_by_strips<scalar_t>(x, y, shape, settings, k)) {
+    if (forward_in_registers<scalar_t>(x, y, shape, settings, k) ||
+        forward_by_strips<scalar_t>(x, y, shape, settings, k)) {
       return;
     }
     with_group_size<scalar_t>(shape, {&x, &y}, [&](auto group) {

@@ -23,10 +23,10 @@ namespace {
 
 constexpr int kStripThreads = 256;
 // The windows that take strips, by their larger side. On an H200 (32x64x112x112, us, tiles /
-// strips) float32 took 31x31 134.0 / 133.4, 39x39 167.2 / 146.6, 47x47 184.8 / 156.0, 63x63 433.8 /
-// 198.0, 101x101 1404 / 318; bfloat16 31x31 122.7 / 122.8, 47x47 176.1 / 163.7, 63x63 436.7 /
-// 187.4, 101x101 (line passes) 436.6 / 298.5. Below 31x31 the tiles won (19x19 float32 113.5
-// against 128.7 with sums of 8 rows down the columns).
+// strips) float32 took 19x19 113.6 / 118.1, 25x25 119.5 / 124.3, 31x31 133.6 / 133.7, 33x33 135.6
+// / 120.0, 47x47 184.8 / 158.5, 63x63 433.8 / 200.8, 101x101 1404 / 323; bfloat16 25x25 110.4 /
+// 114.2, 31x31 122.2 / 123.2, 33x33 125.1 / 110.4, 63x63 436.7 / 188.8, 101x101 (line passes)
+// 436.6 / 301.8.
 constexpr int kStripsFrom = 32;
 constexpr int kStripColumns = 128;
 // Input rows a step takes. On that H200 float32 31x31 took 148 us with 32 rows (four blocks a
