@@ -17,8 +17,6 @@
 #include "tiles.cuh"
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -534,16 +532,10 @@ inline std::optional<Segments> segments_for(const PlaneShape& shape, int columns
 template <typename Kernel, typename Coefficients, typename... Pointers>
 bool launch_over_segments(Kernel kernel, const PlaneShape& shape, int columns, int reach, int rows_beyond,
                           size_t shared_bytes, const Coefficients& k, Pointers... pointers) {
-  if (shared_bytes > 48 * 1024) {  // beyond the default, a kernel must ask for it
-    int device = 0, per_block = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&device));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    if (shared_bytes > static_cast<size_t>(per_block)) {
-      return false;
-    }
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
+  if (shared_bytes > static_cast<size_t>(shared_memory().per_block)) {
+    return false;
   }
+  ask_for_shared_memory(kernel, shared_bytes);
   const int64_t warps = resident_warps(kernel, shared_bytes);
   const std::optional<Segments> segments =
       warps > 0 ? segments_for(shape, columns, reach, rows_beyond, warps) : std::nullopt;
@@ -551,9 +543,8 @@ bool launch_over_segments(Kernel kernel, const PlaneShape& shape, int columns, i
     return false;
   }
   const int64_t threads = int64_t{segments->count} << segments->lanes_log2;
-  kernel<<<(threads + kSegmentBlockThreads - 1) / kSegmentBlockThreads, kSegmentBlockThreads, shared_bytes,
-           c10::cuda::getCurrentCUDAStream()>>>(pointers..., *segments, k);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  start_kernel(kernel, (threads + kSegmentBlockThreads - 1) / kSegmentBlockThreads, kSegmentBlockThreads, shared_bytes,
+               pointers..., *segments, k);
   return true;
 }
 

@@ -158,6 +158,7 @@ bool launch_strips(const at::Tensor& x, const at::Tensor& y, const PlaneShape& s
   if (bytes > static_cast<size_t>(shared_memory().per_block)) {
     return false;
   }
+  ask_for_shared_memory(kernel, bytes);
   const int64_t resident = resident_blocks(kernel, kStripThreads, bytes);
   const int64_t strips = shape.planes * full.tiles_across.divisor;
   const int64_t most_bands = std::max<int64_t>(1, shape.height / std::max(kChunkRows, 2 * w.height()));
@@ -166,8 +167,8 @@ bool launch_strips(const at::Tensor& x, const at::Tensor& y, const PlaneShape& s
   if (grid.blocks(shape.planes) > kLimit || int64_t{grid.tile_rows} * shape.width > kLimit) {
     return false;
   }
-  launch(kernel, grid.blocks(shape.planes), kStripThreads, bytes, x.const_data_ptr<scalar_t>(),
-         y.mutable_data_ptr<scalar_t>(), grid, StripPasses(grid, w, kGroup), w, k);
+  start_kernel(kernel, grid.blocks(shape.planes), kStripThreads, bytes, x.const_data_ptr<scalar_t>(),
+               y.mutable_data_ptr<scalar_t>(), grid, StripPasses(grid, w, kGroup), w, k);
   return true;
 }
 

@@ -149,14 +149,20 @@ void with_group_size(const PlaneShape& shape, std::initializer_list<const at::Te
   }
 }
 
-// Blocks of `threads` threads and shared_bytes of shared memory each that the current device holds
-// at once.
+// Lets `kernel` take shared_bytes of dynamic shared memory a block: beyond the default 48 KB a
+// kernel must ask for it, before its occupancy is queried or it is launched.
 template <typename Kernel>
-int64_t resident_blocks(Kernel kernel, int threads, size_t shared_bytes) {
-  if (shared_bytes > 48 * 1024) {  // beyond the default, a kernel must ask for it
+void ask_for_shared_memory(Kernel kernel, size_t shared_bytes) {
+  if (shared_bytes > 48 * 1024) {
     C10_CUDA_CHECK(
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
   }
+}
+
+// Blocks of `threads` threads and shared_bytes of shared memory each (asked for) that the current
+// device holds at once.
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel, int threads, size_t shared_bytes) {
   int blocks = 0, multiprocessors = 0, device = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, shared_bytes));
   C10_CUDA_CHECK(cudaGetDevice(&device));
@@ -164,16 +170,19 @@ int64_t resident_blocks(Kernel kernel, int threads, size_t shared_bytes) {
   return int64_t{blocks} * multiprocessors;
 }
 
-// Launches kernel<<<blocks, threads, shared_bytes>>>(args...) on the current stream, asking for
-// shared memory beyond the default where it needs it.
+// Launches kernel<<<blocks, threads, shared_bytes>>>(args...) on the current stream, the shared
+// memory asked for.
 template <typename Kernel, typename... Args>
-void launch(Kernel kernel, int64_t blocks, int threads, size_t shared_bytes, Args... args) {
-  if (shared_bytes > 48 * 1024) {  // beyond the default, a kernel must ask for it
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared_bytes)));
-  }
+void start_kernel(Kernel kernel, int64_t blocks, int threads, size_t shared_bytes, Args... args) {
   kernel<<<blocks, threads, shared_bytes, c10::cuda::getCurrentCUDAStream()>>>(args...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The same, asking for the shared memory first.
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, int64_t blocks, int threads, size_t shared_bytes, Args... args) {
+  ask_for_shared_memory(kernel, shared_bytes);
+  start_kernel(kernel, blocks, threads, shared_bytes, args...);
 }
 
 }  // namespace spatialnorm::cuda
