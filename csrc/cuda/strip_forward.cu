@@ -1,53 +1,38 @@
-// The forward for large windows. A block owns a strip of a plane's columns (the whole width up to
-// kStripColumns) and walks down a band of its rows (a whole plane where there are planes enough to
-// fill the GPU), kChunkRows input rows a step: it loads them with the windows' halo columns,
-// squares them into shared memory, takes their window sums along the rows into a ring that keeps
-// the row sums of the last kh - 1 + kChunkRows input rows, and then the window sums down the
-// ring's columns of every output row whose window the ring now holds, writing those rows' output.
-// A tile (spatial_norm_cuda.cu) loads its window's halo rows again for every tile down a plane,
-// which grows with the window; a band reads each of its rows once, and a strip that spans the plane
-// reads no halo columns either. Both passes sum the windows in chunks (window_sums), so that every
-// sum is made of its own window's terms only, as everywhere in the package (docs/definition.md).
+// The forward for large windows, a block walking down a strip of a plane (strips.cuh): it loads
+// a step's input rows with the windows' halo columns, squares them into shared memory, takes their
+// window sums along the rows into a ring that keeps the row sums of the last kh - 1 + kChunkRows
+// input rows, and then the window sums down the ring's columns of every output row whose window
+// the ring now holds, writing those rows' output. Both passes sum the windows in chunks
+// (window_sums), so that every sum is made of its own window's terms only, as everywhere in the
+// package (docs/definition.md).
 #include "strip_kernels.h"
 
 #include "powers.cuh"
 #include "shared_tile.cuh"
+#include "strips.cuh"
 #include "tiles.cuh"
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 
 namespace spatialnorm::cuda {
 namespace {
 
-constexpr int kStripThreads = 256;
 // The windows that take strips, by their larger side. On an H200 (32x64x112x112, us, tiles /
 // strips) float32 took 19x19 113.6 / 118.1, 25x25 119.5 / 124.3, 31x31 133.6 / 133.7, 33x33 135.6
 // / 120.0, 47x47 184.8 / 158.5, 63x63 433.8 / 200.8, 101x101 1404 / 323; bfloat16 25x25 110.4 /
 // 114.2, 31x31 122.2 / 123.2, 33x33 125.1 / 110.4, 63x63 436.7 / 188.8, 101x101 (line passes)
 // 436.6 / 301.8.
 constexpr int kStripsFrom = 32;
-constexpr int kStripColumns = 128;
-// Input rows a step takes. On that H200 float32 31x31 took 148 us with 32 rows (four blocks a
-// multiprocessor), 178 with 16 (more steps, each paying for its loads' latency and two barriers),
-// 184 with 64 (two blocks).
-constexpr int kChunkRows = 32;
-// Output rows a thread sums down a column at once (window_sums' chunks): 16 rows read about
-// (kh + 15) / 16 terms an output instead of (kh + 7) / 8 (float32 31x31 148 -> 133 us).
-constexpr int kColumnStretch = 16;
-
-// Rows of the ring: input row i of a band (from its first window's top row) lies at i % rows.
-__host__ __device__ inline int ring_rows(Extents w) { return w.height() - 1 + kChunkRows; }
 
 template <typename opmath_t>
 struct StripArrays {
   SharedArray<opmath_t> squares;   // of a step's input rows, with the windows' halo columns, in groups
   SharedArray<opmath_t> row_sums;  // the ring
 
-  __host__ __device__ StripArrays(SharedLayout& layout, int columns, Extents w, int group)
-      : squares(layout.take<opmath_t>(kChunkRows, grouped_columns(columns + w.width() - 1, group))),
-        row_sums(layout.take<opmath_t>(ring_rows(w), columns)) {}
+  __host__ __device__ StripArrays(SharedLayout& layout, const TileGrid& grid, Extents w, int group)
+      : squares(layout.take<opmath_t>(kChunkRows, grouped_columns(grid.tile_columns + w.width() - 1, group))),
+        row_sums(layout.take<opmath_t>(ring_rows(w, kChunkRows), grid.tile_columns)) {}
 };
 
 // The passes of a step, set up for the launch's widest strip.
@@ -62,27 +47,6 @@ struct StripPasses {
         columns(static_cast<unsigned int>(grid.tile_columns)) {}
 };
 
-// For each of the first `columns` columns and each r < count, emit(column, r, sum) gets the sum of
-// the ring's rows from first_row + r (wrapping around) down `window` rows. Consecutive threads
-// take consecutive columns, each kColumnStretch output rows of one.
-template <typename T, typename Emit>
-__device__ inline void slide_ring_columns(const SharedArray<T>& ring, int rows, const Divider& across, int columns,
-                                          int first_row, int count, int window, Emit emit) {
-  const unsigned int items = across.divisor * ((count + kColumnStretch - 1) / kColumnStretch);
-  for (unsigned int item = threadIdx.x; item < items; item += blockDim.x) {
-    const auto at = across.divmod(item);
-    const int column = at.mod;
-    const int begin = static_cast<int>(at.div) * kColumnStretch;
-    if (column < columns) {
-      const int first = first_row + begin < rows ? first_row + begin : first_row + begin - rows;
-      window_sums<kColumnStretch>(
-          [&](int j) { return ring(first + j < rows ? first + j : first + j - rows, column); },
-          min(kColumnStretch, count - begin), kColumnStretch, window,
-          [&](int i, T sum) { emit(column, begin + i, sum); });
-    }
-  }
-}
-
 // Four blocks a multiprocessor (64 registers a thread) where the arrays are float32 (31x31 takes
 // 48 KB); float64's take twice the shared memory, which holds two at most.
 template <typename opmath_t>
@@ -95,11 +59,11 @@ __global__ void __launch_bounds__(kStripThreads, kMinBlocks<at::opmath_type<scal
   using opmath_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char shared[];
   SharedLayout layout(shared);
-  const StripArrays<opmath_t> a(layout, grid.tile_columns, w, kGroup);
+  const StripArrays<opmath_t> a(layout, grid, w, kGroup);
   const Tile band = grid.locate();
   const int64_t offset = band.plane * grid.height * int64_t{grid.width};
   const int lag = w.height() - 1;  // input rows between an output row's window's first and last
-  const int ring = ring_rows(w);
+  const int ring = ring_rows(w, kChunkRows);
   const int inputs = band.rows + lag;
   Region region = in_groups(reach(band.region(), w), kGroup);  // of a step's input rows
   const int first_column = band.col0 - w.left - region.col0;   // of the first window
@@ -115,7 +79,7 @@ __global__ void __launch_bounds__(kStripThreads, kMinBlocks<at::opmath_type<scal
     // the barrier above.
     const int slot = i0 % ring;
     slide_rows(passes.rows, a.squares, first_column, region.rows, band.columns, w.width(),
-               [&](int r, int c, opmath_t sum) { a.row_sums(slot + r < ring ? slot + r : slot + r - ring, c) = sum; });
+               [&](int r, int c, opmath_t sum) { a.row_sums(wrapped(slot + r, ring), c) = sum; });
     __syncthreads();
     // Output row o's window is input rows o .. o + lag: those whose last row came this step.
     const int out0 = max(0, i0 - lag);
@@ -137,38 +101,16 @@ __global__ void __launch_bounds__(kStripThreads, kMinBlocks<at::opmath_type<scal
   }
 }
 
-// Bands as tall as the planes, or more of them where the planes are too few for two waves of
-// blocks, each at least twice the window tall (then it reads at most half its rows again as the
-// halo). False, launching nothing, where a strip's arrays do not fit a block's shared memory or
-// offsets within a band would not fit 32 bits.
 template <typename scalar_t, int kGroup>
 bool launch_strips(const at::Tensor& x, const at::Tensor& y, const PlaneShape& shape, Extents w,
                    const Coefficients<at::opmath_type<scalar_t>>& k) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  constexpr int64_t kLimit = std::numeric_limits<int>::max();
-  if (shape.height + 2 * int64_t{w.height()} + kChunkRows > kLimit ||
-      shape.width + 2 * int64_t{w.width()} + 2 * kGroup > kLimit) {
-    return false;
-  }
   const auto kernel = strip_forward_kernel<scalar_t, kGroup>;
-  const TileGrid full = tile_grid(shape, static_cast<int>(shape.height), kStripColumns, kGroup);
-  SharedLayout layout(nullptr);
-  StripArrays<opmath_t>(layout, full.tile_columns, w, kGroup);
-  const size_t bytes = layout.bytes();
-  if (bytes > static_cast<size_t>(shared_memory().per_block)) {
+  const auto launch = plan_strips<StripArrays<at::opmath_type<scalar_t>>>(kernel, shape, w, kGroup, 1);
+  if (!launch) {
     return false;
   }
-  ask_for_shared_memory(kernel, bytes);
-  const int64_t resident = resident_blocks(kernel, kStripThreads, bytes);
-  const int64_t strips = shape.planes * full.tiles_across.divisor;
-  const int64_t most_bands = std::max<int64_t>(1, shape.height / std::max(kChunkRows, 2 * w.height()));
-  const int64_t bands = std::min(most_bands, std::max<int64_t>(1, (2 * resident + strips - 1) / strips));
-  const TileGrid grid = tile_grid(shape, static_cast<int>((shape.height + bands - 1) / bands), kStripColumns, kGroup);
-  if (grid.blocks(shape.planes) > kLimit || int64_t{grid.tile_rows} * shape.width > kLimit) {
-    return false;
-  }
-  start_kernel(kernel, grid.blocks(shape.planes), kStripThreads, bytes, x.const_data_ptr<scalar_t>(),
-               y.mutable_data_ptr<scalar_t>(), grid, StripPasses(grid, w, kGroup), w, k);
+  start_kernel(kernel, launch->grid.blocks(shape.planes), kStripThreads, launch->bytes, x.const_data_ptr<scalar_t>(),
+               y.mutable_data_ptr<scalar_t>(), launch->grid, StripPasses(launch->grid, w, kGroup), w, k);
   return true;
 }
 
