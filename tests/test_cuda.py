@@ -50,10 +50,10 @@ def test_float32_accuracy_bar(generator):
         run_both(x, dy, kernel, dict(alpha=1.0, beta=0.75, delta=1.0), torch.float32)
 
 
-@pytest.mark.parametrize("shape, kernel", [((1, 2, 9, 1000), (41, 5)), ((1, 2, 1900, 6), (3, 41)), ((2, 2, 40, 50), (45, 45))])
+@pytest.mark.parametrize("shape, kernel", [((1, 2, 6, 5000), (4801, 3)), ((1, 2, 5000, 6), (3, 4801))])
 def test_line_passes(shape, kernel, generator):
-    """The gradient's windows from 40 wide take the line passes: lines staged in shared memory,
-    and lines too long for it (1000 wide, 1900 tall) walked in device memory."""
+    """Windows whose rings or rows do not fit a strip's shared memory take the line passes: lines
+    staged in shared memory (6 long), and lines too long for it (5000) walked in device memory."""
     x = random_image(shape, 3.0, generator)
     dy = random_image(shape, 1.0, generator)
     run_both(x, dy, kernel, SETTINGS[1], torch.float64)
@@ -63,16 +63,20 @@ def test_line_passes(shape, kernel, generator):
 @pytest.mark.parametrize("width", [296, 299])  # 296: rows of 16-byte groups in every dtype; three strips
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_strips(dtype, width, generator):
-    """The forward of windows from 32 rows or columns on walks blocks down strips: a plane wider than
-    a strip, one plane only (bands of rows), and windows taller and wider than a step's rows."""
+    """The forward and gradient of windows from 32 rows or columns on walk blocks down strips: a
+    plane wider than a strip, one plane only (bands of rows), and windows taller and wider than a
+    step's rows."""
     x = random_image((1, 1, 150, width), 2.0, generator).to(dtype).double()
     x.view(-1)[torch.randint(x.numel(), (3,), generator=generator)] = 1e3  # spikes well inside every dtype's range
     dy = random_image((1, 1, 150, width), 1.0, generator).to(dtype).double()
-    on_gpu = x.to("cuda", dtype)
+    x_on_gpu, dy_on_gpu = x.to("cuda", dtype), dy.to("cuda", dtype)
     for kernel in [(35, 33), (3, 40), (70, 5)]:
         run_both(x, dy, kernel, SETTINGS[1], dtype)
-        torch.full_like(on_gpu, float("nan"))  # freed at once: the output below takes its memory
-        assert torch.isfinite(sn.spatial_normalization(on_gpu, *kernel, **SETTINGS[1])).all()
+        # Each output takes the memory of the NaN-filled tensor freed just before it.
+        torch.full_like(x_on_gpu, float("nan"))
+        assert torch.isfinite(sn.spatial_normalization(x_on_gpu, *kernel, **SETTINGS[1])).all()
+        torch.full_like(x_on_gpu, float("nan"))
+        assert torch.isfinite(sn.spatial_normalization_gradient(dy_on_gpu, x_on_gpu, *kernel, **SETTINGS[1])).all()
 
 
 def test_nan_and_inf_stay_in_their_windows():
@@ -143,7 +147,8 @@ def test_compute_sanitizer_is_clean(tool):
         "    sn.spatial_normalization(x, 5, 3); sn.spatial_normalization_gradient(g, x, 9, 6)\n"
         "    sn.spatial_normalization(x, 5); sn.spatial_normalization(x[:, :, :7], 2)\n"  # in registers
         "    sn.spatial_normalization(x, 9); sn.spatial_normalization(x, 13)\n"  # rings in shared memory
-        "    sn.spatial_normalization(torch.randn(1, 2, 90, 300, device='cuda', dtype=dtype), 35, 33)\n"  # strips
+        "    xs = torch.randn(1, 2, 90, 300, device='cuda', dtype=dtype)\n"  # strips
+        "    sn.spatial_normalization(xs, 35, 33); sn.spatial_normalization_gradient(torch.randn_like(xs), xs, 35, 33)\n"
         "    sn.spatial_normalization_gradient(g, x, 3); sn.spatial_normalization_gradient(g[:, :, :7], x[:, :, :7], 2)\n"
         "    sn.spatial_normalization_gradient(g, x, 5); sn.spatial_normalization_gradient(g, x, 9)\n"  # in shared memory
         "torch.cuda.synchronize()\n"

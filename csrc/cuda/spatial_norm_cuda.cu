@@ -13,9 +13,9 @@
 // lines instead (line_passes.cuh), whose cost does not grow with the window. The forward of square
 // windows up to 17x17 and the gradient of those up to 9x9, over rows of whole, aligned groups of
 // four values, keep each thread's sums to itself instead (register_forward.cu,
-// register_backward.cu): a warp walks down a band of rows, with no barrier. The forward of windows
-// from 32 rows or columns on walks a block down a strip of a plane, reading each row once
-// (strip_forward.cu).
+// register_backward.cu): a warp walks down a band of rows, with no barrier. The forward and
+// gradient of windows from 32 rows or columns on walk a block down a strip of a plane, reading each
+// row once (strip_forward.cu, strip_backward.cu).
 #include "../spatial_norm.h"
 #include "coefficients.cuh"
 #include "line_passes.cuh"
@@ -474,7 +474,8 @@ at::Tensor backward(const at::Tensor& grad_output, const at::Tensor& input, int6
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "spatialnorm_backward_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto k = coefficients<opmath_t>(settings);
-    if (backward_in_registers<scalar_t>(dy, x, dx, shape, settings, k)) {
+    if (backward_in_registers<scalar_t>(dy, x, dx, shape, settings, k) ||
+        backward_by_strips<scalar_t>(dy, x, dx, shape, settings, k)) {
       return;
     }
     with_group_size<scalar_t>(shape, {&x, &dy, &dx}, [&](auto group) {
