@@ -9,13 +9,14 @@
 // output once, apart from the halos (mostly served by L2). The gradient is one kernel too: it
 // makes G = dY*X*T^(-beta-1) over the tile and the mirrored window's halo, and P = dY*T^-beta over
 // the tile, then sums G over the mirrored windows of the tile. Windows whose halo would not fit
-// shared memory beside a tile, and the gradient's from 40 wide, take separable passes over whole
-// lines instead (line_passes.cuh), whose cost does not grow with the window. The forward of square
-// windows up to 17x17 and the gradient of those up to 9x9, over rows of whole, aligned groups of
-// four values, keep each thread's sums to itself instead (register_forward.cu,
-// register_backward.cu): a warp walks down a band of rows, with no barrier. The forward and
-// gradient of windows from 32 rows or columns on walk a block down a strip of a plane, reading each
-// row once (strip_forward.cu, strip_backward.cu).
+// shared memory beside a tile, and the gradient's from 40 wide that no strip takes, take
+// separable passes over whole lines instead (line_passes.cuh), whose cost does not grow with the
+// window. The forward of square windows up to 17x17 and the gradient of those up to 9x9, over rows
+// of whole, aligned groups of four values, keep each thread's sums to itself instead
+// (register_forward.cu, register_backward.cu): a warp walks down a band of rows, with no barrier.
+// The forward of windows from 32 rows or columns on, and their gradient from 31 (32 in 16-bit
+// types) to 64, walk a block down a strip of a plane, reading each row once (strip_forward.cu,
+// strip_backward.cu).
 #include "../spatial_norm.h"
 #include "coefficients.cuh"
 #include "line_passes.cuh"
@@ -419,10 +420,11 @@ void backward_by_lines(const at::Tensor& dy, const at::Tensor& x, const at::Tens
                                                 dx.mutable_data_ptr<scalar_t>(), k});
 }
 
-// The gradient takes the line passes from this window size on, where its tiles' halos cost more
-// than the passes' scratch (on an H100 at 32x64x112x112 float32: tiles 0.67 ms at 31x31 and
-// 1.70 ms at 47x47, line passes 1.37 and 1.45 ms, whatever the window). The forward's tiles stay
-// ahead as long as a tile fits (0.71 against 0.79 ms at 101x101).
+// The gradient that the strips do not take (beyond 64, or where their arrays do not fit) takes
+// the line passes from this window size on, where its tiles' halos cost more than the passes'
+// scratch (on an H100 at 32x64x112x112 float32: tiles 0.67 ms at 31x31 and 1.70 ms at 47x47, line
+// passes 1.37 and 1.45 ms, whatever the window). The forward's tiles stay ahead as long as a tile
+// fits (0.71 against 0.79 ms at 101x101).
 constexpr int kGradientByLinesFrom = 40;
 
 at::Tensor forward(const at::Tensor& input, int64_t kernel_width, int64_t kernel_height, double alpha, double beta,

@@ -24,11 +24,15 @@ namespace spatialnorm::cuda {
 namespace {
 
 // The windows whose gradient takes strips, by their larger side. On an H200 (32x64x112x112, us,
-// tiles / strips) float32 took 17x17 318 / 423, 25x25 412 / 473, 31x31 695 / 532, 33x33 698 / 483;
-// bfloat16 25x25 429 / 459, 31x31 490 / 524, 33x33 495 / 475 (its tiles are twice as wide). The
-// line passes took 1422 (float32) and 1392 (bfloat16) at 47x47, strips 975 and 979.
+// tiles / strips) float32 took 25x25 413 / 481, 28x28 448 / 509, 29x29 445 / 524, 31x31 695 / 540,
+// 33x33 698 / 490; bfloat16 25x25 429 / 465, 31x31 490 / 530, 33x33 495 / 479 (its tiles are twice
+// as wide).
 template <typename scalar_t>
-constexpr int kGradientStripsFrom = sizeof(scalar_t) == 2 ? 32 : 28;
+constexpr int kGradientStripsFrom = sizeof(scalar_t) == 2 ? 32 : 31;
+// And up to this size, whose cost grows with the window where the line passes' does not: there
+// float32 took (line passes / strips) 1422 / 982 at 47x47, 1421 / 878 at 63x63, and strips 1981 at
+// 101x101, where the line passes took 1.63 ms on an H100 (not measured there on the H200).
+constexpr int kGradientStripsTo = 64;
 // Input rows a step takes: 16, so that float32's arrays let three blocks share a multiprocessor up
 // to 33x33 (that H200, float32: 31x31 532 us, 551 with 32 rows and two blocks; 63x63 869 us with
 // two blocks, 1128 with 32 rows and one).
@@ -204,7 +208,8 @@ template <typename scalar_t>
 bool backward_by_strips(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const PlaneShape& shape,
                         const Settings& settings, const Coefficients<at::opmath_type<scalar_t>>& k) {
   const Extents w = extents(settings, shape);
-  if (std::max(w.width(), w.height()) < kGradientStripsFrom<scalar_t>) {
+  const int size = std::max(w.width(), w.height());
+  if (size < kGradientStripsFrom<scalar_t> || size > kGradientStripsTo) {
     return false;
   }
   bool launched = false;

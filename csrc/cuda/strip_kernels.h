@@ -18,8 +18,8 @@ bool forward_by_strips(const at::Tensor& x, const at::Tensor& y, const PlaneShap
                        const Coefficients<at::opmath_type<scalar_t>>& k);
 
 // Writes the gradient dx of the input x for the output's gradient dy (all contiguous) and returns
-// true for windows from 32 rows or columns on whose strips fit a block's shared memory; returns
-// false and writes nothing elsewhere.
+// true for windows whose larger side (as clipped to the plane) is from 31 (32 in 16-bit types) to
+// 64 and whose strips fit a block's shared memory; returns false and writes nothing elsewhere.
 template <typename scalar_t>
 bool backward_by_strips(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& dx, const PlaneShape& shape,
                         const Settings& settings, const Coefficients<at::opmath_type<scalar_t>>& k);
