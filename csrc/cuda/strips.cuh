@@ -1,8 +1,8 @@
 // What the kernels that walk a block down a strip of a plane share (strip_forward.cu,
 // strip_backward.cu). A block owns a strip of a plane's columns (the whole width up to
 // kStripColumns) and walks down a band of its rows (a whole plane where there are planes enough to
-// fill the GPU), kChunkRows input rows a step, keeping the window sums along the rows of the last
-// rows it read in rings, so that it reads each row once. A tile (spatial_norm_cuda.cu) loads its
+// fill the GPU), a few input rows a step, keeping the window sums along the rows of the last rows
+// it read in rings, so that it reads each row once. A tile (spatial_norm_cuda.cu) loads its
 // window's halo rows again for every tile down a plane, which grows with the window.
 #pragma once
 
@@ -21,9 +21,10 @@ namespace spatialnorm::cuda {
 
 constexpr int kStripThreads = 256;
 constexpr int kStripColumns = 128;
-// Input rows a step takes. On an H200 (32x64x112x112) the float32 forward at 31x31 took 148 us
-// with 32 rows (four blocks a multiprocessor), 178 with 16 (more steps, each paying for its
-// loads' latency and two barriers), 184 with 64 (two blocks).
+// Input rows a step of the forward takes (and the fewest rows a band has). On an H200
+// (32x64x112x112) the float32 forward at 31x31 took 148 us with 32 rows (four blocks a
+// multiprocessor), 178 with 16 (more steps, each paying for its loads' latency and two barriers),
+// 184 with 64 (two blocks).
 constexpr int kChunkRows = 32;
 // Output rows a thread sums down a ring's column at once (window_sums' chunks): 16 rows read
 // about (kh + 15) / 16 terms an output instead of (kh + 7) / 8 (that forward: 148 -> 133 us).
