@@ -63,9 +63,9 @@ def test_line_passes(shape, kernel, generator):
 @pytest.mark.parametrize("width", [296, 299])  # 296: rows of 16-byte groups in every dtype; three strips
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_strips(dtype, width, generator):
-    """The forward and gradient of windows from 32 rows or columns on walk blocks down strips: a
-    plane wider than a strip, one plane only (bands of rows), and windows taller and wider than a
-    step's rows."""
+    """The forward of windows from 32 rows or columns on, and their gradient up to 64, walk blocks
+    down strips: a plane wider than a strip, one plane only (bands of rows), and windows taller and
+    wider than a step's rows."""
     x = random_image((1, 1, 150, width), 2.0, generator).to(dtype).double()
     x.view(-1)[torch.randint(x.numel(), (3,), generator=generator)] = 1e3  # spikes well inside every dtype's range
     dy = random_image((1, 1, 150, width), 1.0, generator).to(dtype).double()
