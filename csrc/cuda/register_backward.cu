@@ -54,9 +54,9 @@ constexpr int kPrefetchRows = kColumns == kWideColumns && kSize >= 5 ? 2 : 4;
 template <int kSize>
 constexpr int kReach = 2 * (kSize / 2);
 
-// Blocks of the kernel below a multiprocessor's 228 KB of shared memory hold (1 KB of it
-// reserved a block) where each takes `bytes`.
-constexpr int blocks_held(size_t bytes) { return static_cast<int>(228 * 1024 / (bytes + 1024)); }
+// Blocks of the kernel below a multiprocessor's 228 KB of shared memory hold (kReservedPerBlock
+// of it reserved a block) where each takes `bytes`: known when the kernel is compiled.
+constexpr int blocks_held(size_t bytes) { return static_cast<int>(228 * 1024 / (bytes + kReservedPerBlock)); }
 
 // A thread's rings: X of the rows read, until their outputs are written; P, until its row's M(G)
 // is complete; the column sums of the squares' row sums (T) and of G's. A block of the kernel

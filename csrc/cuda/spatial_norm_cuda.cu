@@ -328,7 +328,6 @@ struct Launch {
 // bytes as float32's.
 template <typename Arrays, typename Passes>
 std::optional<Launch<Passes>> plan(const PlaneShape& shape, Extents w, int group, size_t preferred_blocks) {
-  constexpr size_t kReservedPerBlock = 1024;  // shared memory the system keeps for each block
   const SharedMemory& limits = shared_memory();
   const int wide = std::max(64, 16 * group);
   std::optional<Launch<Passes>> fitting;
@@ -347,7 +346,7 @@ std::optional<Launch<Passes>> plan(const PlaneShape& shape, Extents w, int group
     if (layout.bytes() > static_cast<size_t>(limits.per_block)) {
       continue;
     }
-    const size_t blocks_per_multiprocessor = limits.per_multiprocessor / (layout.bytes() + kReservedPerBlock);
+    const size_t blocks_per_multiprocessor = limits.blocks_held(layout.bytes());
     const int threads = blocks_per_multiprocessor >= 3 ? kThreads : kMaxThreads;
     if (!fitting) {
       fitting = Launch<Passes>{grid, Passes(grid, w, group, threads), layout.bytes(), threads};

@@ -212,11 +212,9 @@ bool backward_by_strips(const at::Tensor& dy, const at::Tensor& x, const at::Ten
   if (size < kGradientStripsFrom<scalar_t> || size > kGradientStripsTo) {
     return false;
   }
-  bool launched = false;
-  with_group_size<scalar_t>(shape, {&x, &dy, &dx}, [&](auto group) {
-    launched = launch_gradient_strips<scalar_t, decltype(group)::value>(dy, x, dx, shape, w, k);
+  return with_group_size<scalar_t>(shape, {&x, &dy, &dx}, [&](auto group) {
+    return launch_gradient_strips<scalar_t, decltype(group)::value>(dy, x, dx, shape, w, k);
   });
-  return launched;
 }
 
 template bool backward_by_strips<float>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const PlaneShape&,

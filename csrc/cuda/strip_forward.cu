@@ -123,11 +123,9 @@ bool forward_by_strips(const at::Tensor& x, const at::Tensor& y, const PlaneShap
   if (std::max(w.width(), w.height()) < kStripsFrom) {
     return false;
   }
-  bool launched = false;
-  with_group_size<scalar_t>(shape, {&x, &y}, [&](auto group) {
-    launched = launch_strips<scalar_t, decltype(group)::value>(x, y, shape, w, k);
+  return with_group_size<scalar_t>(shape, {&x, &y}, [&](auto group) {
+    return launch_strips<scalar_t, decltype(group)::value>(x, y, shape, w, k);
   });
-  return launched;
 }
 
 template bool forward_by_strips<float>(const at::Tensor&, const at::Tensor&, const PlaneShape&, const Settings&,

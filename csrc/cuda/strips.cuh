@@ -78,7 +78,6 @@ template <typename Arrays, typename Kernel>
 std::optional<StripLaunch> plan_strips(Kernel kernel, const PlaneShape& shape, Extents w, int group,
                                        int preferred_blocks) {
   constexpr int64_t kLimit = std::numeric_limits<int>::max();
-  constexpr size_t kReservedPerBlock = 1024;  // shared memory the system keeps for each block
   const int64_t reach_rows = 2 * int64_t{w.height()};  // a band's halo rows, the gradient's on both sides
   if (shape.height + 2 * reach_rows + kChunkRows > kLimit || shape.width + 4 * int64_t{w.width()} + 4 * group > kLimit) {
     return std::nullopt;
@@ -93,7 +92,7 @@ std::optional<StripLaunch> plan_strips(Kernel kernel, const PlaneShape& shape, E
     if (bytes > static_cast<size_t>(limits.per_block)) {
       continue;
     }
-    const bool preferred = limits.per_multiprocessor / (bytes + kReservedPerBlock) >= static_cast<size_t>(preferred_blocks);
+    const bool preferred = limits.blocks_held(bytes) >= static_cast<size_t>(preferred_blocks);
     if (!fitting || preferred) {
       fitting = StripLaunch{full, bytes};
     }

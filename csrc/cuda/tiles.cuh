@@ -117,10 +117,16 @@ struct PlaneOffsets {
   __device__ int at(int row, int column) const { return row * stride + column; }
 };
 
+// Shared memory the system keeps for each block, beside what the block asks for.
+constexpr size_t kReservedPerBlock = 1024;
+
 // Shared memory the current device offers a block (when asked) and a multiprocessor.
 struct SharedMemory {
   int per_block;
   int per_multiprocessor;
+
+  // Blocks of `bytes` each that a multiprocessor's shared memory holds.
+  size_t blocks_held(size_t bytes) const { return per_multiprocessor / (bytes + kReservedPerBlock); }
 };
 
 inline const SharedMemory& shared_memory() {
@@ -137,16 +143,15 @@ inline const SharedMemory& shared_memory() {
   return limits;
 }
 
-// Calls run(std::integral_constant<int, n>) with the elements the tile kernels take at once: a
+// run(std::integral_constant<int, n>)'s result, n the elements the tile kernels take at once: a
 // group of 16 bytes where every row of every plane of every tensor starts 16-byte aligned, else 1.
 template <typename scalar_t, typename Run>
-void with_group_size(const PlaneShape& shape, std::initializer_list<const at::Tensor*> tensors, Run run) {
+auto with_group_size(const PlaneShape& shape, std::initializer_list<const at::Tensor*> tensors, Run run) {
   constexpr int kGroup = 16 / sizeof(scalar_t);
   if (rows_of_aligned_groups(shape.width, kGroup, 16, tensors)) {
-    run(std::integral_constant<int, kGroup>());
-  } else {
-    run(std::integral_constant<int, 1>());
+    return run(std::integral_constant<int, kGroup>());
   }
+  return run(std::integral_constant<int, 1>());
 }
 
 // Lets `kernel` take shared_bytes of dynamic shared memory a block: beyond the default 48 KB a
