@@ -197,11 +197,13 @@ __device__ inline void chunked_window_sums(Term term, int count, int window, Emi
   }
 }
 
-// Chunks as long as the window and the longest stretch allow, up to kMaxChunk (which bounds the
-// registers a chunk's suffix sums take).
+// Chunks as long as the window allows, up to kMaxChunk (which bounds the registers a chunk's
+// suffix sums take), and no longer than the longest stretch needs: a chunk reads window - 1 terms
+// besides one a window whether it is whole or not, so a stretch is best one chunk, a partial one
+// where the stretch is shorter than a power of two.
 template <int kMaxChunk, typename Term, typename Emit>
 __device__ inline void window_sums(Term term, int count, int longest, int window, Emit emit) {
-  const int reach = min(window, longest);
+  const int reach = min(window, longest > 1 ? 1 << (32 - __clz(longest - 1)) : 1);
   if (kMaxChunk >= 16 && reach >= 16) {
     chunked_window_sums<16>(term, count, window, emit);
   } else if (kMaxChunk >= 8 && reach >= 8) {
@@ -246,7 +248,7 @@ __device__ inline void slide_rows(const RowPass& pass, SharedArray<T> in, int co
     const int count = min(length, begin + pass.stretch) - begin;
     if (row < rows && count > 0) {
       const T* line = &in(row, column0 + begin);
-      window_sums<8>([&](int j) { return line[j]; }, count, pass.stretch, window,
+      window_sums<64 / sizeof(T)>([&](int j) { return line[j]; }, count, pass.stretch, window,
                      [&](int i, T sum) { emit(row, begin + i, sum); });
     }
   }
