@@ -163,13 +163,17 @@ def test_float32_powers_for_every_kind_of_beta(beta, delta, generator):
 def test_float32_quarter_roots_are_within_a_few_ulp(beta, generator):
     """beta 0.25, 0.5 and 0.75 take 1/sqrt by Newton steps from a guess in the bits: every
     element within 1e-6 relative of float64 over T from 1 to 1e12 (a step fewer would be 5e-6
-    off)."""
+    off), and the gradient, whose T^(-beta-1) multiplies instead of dividing, within 1e-6 as a
+    whole."""
     shape = (2, 3, 32, 32)
     magnitudes = 10 ** (torch.rand(shape, generator=generator, dtype=torch.float64) * 6)
     x = (random_image(shape, 1.0, generator) * magnitudes).float()
     settings = dict(alpha=1.0, beta=beta, delta=1.0)
     y = sn.spatial_normalization(x, 1, **settings)
     torch.testing.assert_close(y.double(), expected_forward(x.double(), 1, 1, **settings), rtol=1e-6, atol=0)
+    dy = random_image(shape, 1.0, generator).float()
+    dx = sn.spatial_normalization_gradient(dy, x, 1, **settings)
+    assert relative_error(dx.double(), expected_gradient(dy.double(), x.double(), 1, 1, **settings)) < 1e-6
 
 
 def test_bands_beyond_float32_are_computed_again_in_double(generator):

@@ -284,24 +284,34 @@ inline float inverse_sqrt(float v) {
   return y;
 }
 
-// The float32 fast path for LRN's -0.75, and -0.5 and -0.25: t^(-q/4) = r^q with r = 1/sqrt(t)
-// for q = 2 and r = 1/sqrt(sqrt(t)) otherwise, by inverse_sqrt. A square root and a division
-// each cost as much as inverse_sqrt's multiplications: this takes 0.33 ns per element where
-// QuarterPower's two square roots and division take 0.46 (one 2.6 GHz core, AVX-512). Within
-// 6e-7 relative.
+// The float32 fast path for LRN's -0.75, and -0.5 and -0.25: s = 1/sqrt(t) by inverse_sqrt, then
+// t^-0.5 = s, t^-0.25 = sqrt(s) and t^-0.75 = s * sqrt(s); the gradient's t^(e-1) is t^e * s^2,
+// with no division. A square root or a division costs about as much as inverse_sqrt's
+// multiplications (one 2.6 GHz core, AVX-512, X * T^-0.75 over 3136 elements: 0.14 ns an element,
+// 0.17 with 1/sqrt(sqrt(t)) cubed, 0.20 with QuarterPower's two square roots and a division, 0.54
+// with LogExpPower). Within 3e-7 relative, t^(e-1) within 6e-7, for every normal t that fits().
 class RootPower : public PowerOverT<RootPower> {
  public:
   static bool applies(double exponent) { return exponent == -0.25 || exponent == -0.5 || exponent == -0.75; }
 
   explicit RootPower(double exponent) : PowerOverT(exponent), quarters_(static_cast<int>(-4.0 * exponent)) {}
 
-  using PowerOverT::operator();
-  float operator()(float t) const {
-    const float r = inverse_sqrt(quarters_ == 2 ? t : std::sqrt(t));
-    return quarters_ == 3 ? r * r * r : r;
+  float operator()(float t) const { return power(inverse_sqrt(t)); }
+
+  // t^e, and t^(e-1) in over_t: t^e * s^2 rather than PowerOverT's division. s^2 = 1/t lies
+  // between 1 and t^(e-1), so fits() covers it.
+  float operator()(float t, float& over_t) const {
+    const float s = inverse_sqrt(t);
+    const float p = power(s);
+    over_t = p * (s * s);
+    return p;
   }
 
  private:
+  // t^e from s = t^-0.5: s^(q/2) as a product of selected factors, which the loops vectorize
+  // (nested selects became branches that kept the gradient's loop scalar).
+  float power(float s) const { return (quarters_ & 2 ? s : 1.0f) * (quarters_ & 1 ? std::sqrt(s) : 1.0f); }
+
   int quarters_;  // q, 1 to 3
 };
 
