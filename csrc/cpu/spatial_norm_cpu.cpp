@@ -358,6 +358,18 @@ void squares(const scalar_t* plane, RowRange rows, int64_t width, std::vector<su
   }
 }
 
+// The terms of the forward windows over the rows [first, last) of a plane: X itself, squared as
+// it is summed, where it is already sum_t; else its squares in sum_t, made into `buffer`.
+template <typename sum_t, typename scalar_t>
+WindowTerms<sum_t> squares_of(const scalar_t* plane, RowRange rows, int64_t width, std::vector<sum_t>& buffer) {
+  if constexpr (std::is_same_v<scalar_t, sum_t>) {
+    return {plane + rows.first * width, true};
+  } else {
+    squares(plane, rows, width, buffer);
+    return {buffer.data(), false};
+  }
+}
+
 // One thread's window sums and buffers for its bands, with sums in sum_t.
 template <typename sum_t>
 struct BandScratch {
@@ -370,7 +382,7 @@ struct BandScratch {
   WindowSums<sum_t> window;
   WindowSums<sum_t> mirrored_window;
   sum_t gradient_scale;  // 2 * alpha * beta / (kw * kh)
-  std::vector<sum_t> squared;
+  std::vector<sum_t> squared;  // X^2, where X is not sum_t already (squares_of)
   std::vector<sum_t> sums;
   std::vector<sum_t> g_rows;
   std::vector<sum_t> first_terms;
@@ -412,10 +424,10 @@ SPATIALNORM_VECTORIZED void forward_bands(const scalar_t* input, scalar_t* outpu
     const Band band = bands[i];
     const int64_t offset = band.plane * shape.height * width + band.row_begin * width;
     scratch.run([&](auto& s) {
-      squares(input + band.plane * shape.height * width, s.window.rows_reached(band.row_begin, band.row_end, shape.height),
-              width, s.squared);
+      const auto terms = squares_of(input + band.plane * shape.height * width,
+                                    s.window.rows_reached(band.row_begin, band.row_end, shape.height), width, s.squared);
       s.sums.resize(static_cast<size_t>((band.row_end - band.row_begin) * width));
-      s.window.run(s.squared.data(), shape.height, band.row_begin, band.row_end, s.sums.data());
+      s.window.run(terms, shape.height, band.row_begin, band.row_end, s.sums.data());
       // The powers in one loop over the whole band: rows are short, and a loop per row would
       // leave too few independent vectors in flight to hide the polynomials' latency.
       return arithmetic.forward(input + offset, s.sums.data(), output + offset, static_cast<int64_t>(s.sums.size()));
@@ -443,15 +455,16 @@ SPATIALNORM_VECTORIZED void backward_bands(const scalar_t* grad_output, const sc
       s.sums.resize(static_cast<size_t>(count));
       s.g_rows.resize(static_cast<size_t>(count));
       s.first_terms.resize(static_cast<size_t>(count));
-      squares(x_plane, s.window.rows_reached(g_range.first, g_range.last, shape.height), width, s.squared);
-      s.window.run(s.squared.data(), shape.height, g_range.first, g_range.last, s.sums.data());
+      const auto terms = squares_of(x_plane, s.window.rows_reached(g_range.first, g_range.last, shape.height), width,
+                                    s.squared);
+      s.window.run(terms, shape.height, g_range.first, g_range.last, s.sums.data());
       // One loop over all rows, as in the forward pass.
       const int64_t g_offset = g_range.first * width;
       if (!arithmetic.gradient_terms(dy_plane + g_offset, x_plane + g_offset, s.sums.data(), s.first_terms.data(),
                                      s.g_rows.data(), count)) {
         return false;
       }
-      s.mirrored_window.run(s.g_rows.data(), shape.height, band.row_begin, band.row_end, s.sums.data());
+      s.mirrored_window.run({s.g_rows.data(), false}, shape.height, band.row_begin, band.row_end, s.sums.data());
       const int64_t band_offset = band.row_begin * width;
       return gradient_output(s.gradient_scale, x_plane + band_offset,
                              s.first_terms.data() + (band.row_begin - g_range.first) * width, s.sums.data(),

@@ -16,7 +16,9 @@
 //
 // The column sums of the whole band go first, into rows with zero margins, then the row sums,
 // which read columns written long before (reading a vector just stored, shifted by an element,
-// stalls the load).
+// stalls the load). The column sums may square the values as they read them (the forward
+// window's X^2, where X is already in sum_t), which saves a pass that would write the squares
+// and read them back.
 // The sums are kept in sum_t: double, or float where the caller checks that float suffices.
 #pragma once
 
@@ -34,6 +36,13 @@ namespace spatialnorm::cpu {
 struct RowRange {
   int64_t first;
   int64_t last;
+};
+
+// What a window sums: rows of values in sum_t, or their squares.
+template <typename sum_t>
+struct WindowTerms {
+  const sum_t* rows;
+  bool squares;
 };
 
 template <typename sum_t>
@@ -54,29 +63,23 @@ class WindowSums {
     return {std::max<int64_t>(0, row_begin - rows_.before), std::min(height, row_end + rows_.after)};
   }
 
-  // sums[(r - row_begin) * width + x] = the sum of the plane's values over the window around
-  // (r, x), for the rows [row_begin, row_end) of a plane `height` rows tall; `values` holds its
-  // rows_reached(row_begin, row_end, height), from their first.
+  // sums[(r - row_begin) * width + x] = the sum of the plane's terms over the window around
+  // (r, x), for the rows [row_begin, row_end) of a plane `height` rows tall; `terms.rows` holds
+  // its rows_reached(row_begin, row_end, height), from their first.
   SPATIALNORM_VECTORIZED_APART
-  void run(const sum_t* values, int64_t height, int64_t row_begin, int64_t row_end, sum_t* __restrict sums) {
+  void run(WindowTerms<sum_t> terms, int64_t height, int64_t row_begin, int64_t row_end, sum_t* __restrict sums) {
     const int64_t rows = row_end - row_begin;
     // New rows are zeros, and only the columns inside the plane are ever written: the margins stay
     // zero. The rows go up to a whole number of tiles, which the row sums transpose whole.
     columns_.resize(static_cast<size_t>(rounded_up(rows, kWidestTile) * stride_));
     const RowRange reached = rows_reached(row_begin, row_end, height);
-    const Rows plane{values, reached.first, reached.last, width_, zeros_.data()};
+    const Rows plane{terms.rows, reached.first, reached.last, width_, zeros_.data()};
     // Clipped to the plane, the window's rows stay as they are and its span bounds the blocks.
     const WindowExtent reach = clipped(rows_, height);
-    switch (reach.span()) {
-      case 1: column_sums_directly<1>(plane, reach, row_begin, row_end); break;
-      case 2: column_sums_directly<2>(plane, reach, row_begin, row_end); break;
-      case 3: column_sums_directly<3>(plane, reach, row_begin, row_end); break;
-      case 4: column_sums_directly<4>(plane, reach, row_begin, row_end); break;
-      case 5: column_sums_directly<5>(plane, reach, row_begin, row_end); break;
-      case 6: column_sums_directly<6>(plane, reach, row_begin, row_end); break;
-      case 7: column_sums_directly<7>(plane, reach, row_begin, row_end); break;
-      case 8: column_sums_directly<8>(plane, reach, row_begin, row_end); break;
-      default: column_sums_by_blocks(plane, reach, row_begin, row_end);
+    if (terms.squares) {
+      column_sums<true>(plane, reach, row_begin, row_end);
+    } else {
+      column_sums<false>(plane, reach, row_begin, row_end);
     }
     row_sums(rows, sums);
   }
@@ -104,8 +107,33 @@ class WindowSums {
   // Where the plane's columns start in a row of column sums.
   sum_t* column_row(int64_t band_row) { return columns_.data() + band_row * stride_ + cols_.before; }
 
+  // A term as summed: the value, or its square.
+  template <bool kSquares, typename T>
+  static T term(T value) {
+    if constexpr (kSquares) {
+      return value * value;
+    } else {
+      return value;
+    }
+  }
+
+  template <bool kSquares>
+  void column_sums(const Rows& plane, WindowExtent reach, int64_t row_begin, int64_t row_end) {
+    switch (reach.span()) {
+      case 1: return column_sums_directly<1, kSquares>(plane, reach, row_begin, row_end);
+      case 2: return column_sums_directly<2, kSquares>(plane, reach, row_begin, row_end);
+      case 3: return column_sums_directly<3, kSquares>(plane, reach, row_begin, row_end);
+      case 4: return column_sums_directly<4, kSquares>(plane, reach, row_begin, row_end);
+      case 5: return column_sums_directly<5, kSquares>(plane, reach, row_begin, row_end);
+      case 6: return column_sums_directly<6, kSquares>(plane, reach, row_begin, row_end);
+      case 7: return column_sums_directly<7, kSquares>(plane, reach, row_begin, row_end);
+      case 8: return column_sums_directly<8, kSquares>(plane, reach, row_begin, row_end);
+      default: return column_sums_by_blocks<kSquares>(plane, reach, row_begin, row_end);
+    }
+  }
+
   // Each output row sums kSpan rows in one pass, rows outside the plane read as a row of zeros.
-  template <int64_t kSpan>
+  template <int64_t kSpan, bool kSquares>
   void column_sums_directly(const Rows& plane, WindowExtent reach, int64_t row_begin, int64_t row_end) {
     for (int64_t r = row_begin; r < row_end; ++r) {
       const sum_t* terms[kSpan];
@@ -114,9 +142,9 @@ class WindowSums {
       }
       sum_t* __restrict out = column_row(r - row_begin);
       for (int64_t x = 0; x < width_; ++x) {  // vectorizes
-        sum_t sum = terms[0][x];
+        sum_t sum = term<kSquares>(terms[0][x]);
         for (int64_t i = 1; i < kSpan; ++i) {
-          sum += terms[i][x];
+          sum += term<kSquares>(terms[i][x]);
         }
         out[x] = sum;
       }
@@ -126,16 +154,18 @@ class WindowSums {
   // Window starts (their top rows) are grouped in blocks of `span`, from the first output's: the
   // block's suffix sums from each start, plus a prefix of the next rows, grown one row per output.
   // A vector of columns at a time goes through a whole block, its running sums in registers.
+  template <bool kSquares>
   void column_sums_by_blocks(const Rows& plane, WindowExtent reach, int64_t row_begin, int64_t row_end) {
-    with_vector_bytes([&](auto bytes) { column_sums_by_blocks<decltype(bytes)::value>(plane, reach, row_begin, row_end); });
+    with_vector_bytes(
+        [&](auto bytes) { column_sums_by_blocks<kSquares, decltype(bytes)::value>(plane, reach, row_begin, row_end); });
   }
 
   // Vectors of kBytes, or narrower ones where the plane is narrower than that.
-  template <int kBytes>
+  template <bool kSquares, int kBytes>
   void column_sums_by_blocks(const Rows& plane, WindowExtent reach, int64_t row_begin, int64_t row_end) {
     if constexpr (kBytes > static_cast<int>(sizeof(sum_t))) {
       if (width_ < Tile<sum_t, kBytes>::kSize) {
-        return column_sums_by_blocks<kBytes / 2>(plane, reach, row_begin, row_end);
+        return column_sums_by_blocks<kSquares, kBytes / 2>(plane, reach, row_begin, row_end);
       }
     }
     using Tile = Tile<sum_t, kBytes>;
@@ -145,7 +175,7 @@ class WindowSums {
       const int64_t x = std::min(stretch, width_ - n);  // the last vector overlaps the one before
       sums_by_blocks<typename Tile::Vector>(
           row_end - row_begin, reach.span(),
-          [&](int64_t j) -> const auto& { return Tile::at(plane[top + j] + x); },
+          [&](int64_t j) { return term<kSquares, typename Tile::Vector>(Tile::at(plane[top + j] + x)); },
           [&](int64_t i) -> auto& { return Tile::at(column_row(i) + x); });
     }
   }
