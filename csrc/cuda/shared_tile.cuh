@@ -248,6 +248,7 @@ __device__ inline void slide_rows(const RowPass& pass, SharedArray<T> in, int co
     const int count = min(length, begin + pass.stretch) - begin;
     if (row < rows && count > 0) {
       const T* line = &in(row, column0 + begin);
+      // A chunk's suffix sums take up to 64 bytes of registers: 16 float32 sums, 8 float64.
       window_sums<64 / sizeof(T)>([&](int j) { return line[j]; }, count, pass.stretch, window,
                      [&](int i, T sum) { emit(row, begin + i, sum); });
     }
