@@ -107,15 +107,17 @@ class Rings {
   static constexpr size_t shared_bytes() { return bytes_keeping_x<kXDepth>(); }
 
   // Blocks per multiprocessor the registers must admit: with the rings in registers three (80
-  // registers a thread) where they fit without spilling, else two (128); in shared memory as many
-  // as it holds, at most three. Eight columns: two (three spilled 88 bytes at 3x3, 296 at 2x2).
+  // registers a thread) where they fit without spilling (16-bit types at 2x2; float32 2x2 and
+  // 16-bit 3x3 spilled 16-40 bytes once the rows' addresses were kept whole), else two (128); in
+  // shared memory as many as it holds, at most three. Eight columns: two (three spilled 88 bytes
+  // at 3x3, 296 at 2x2).
   static constexpr int min_blocks() {
     if constexpr (kColumns == kWideColumns) {
       return 2;
     } else if constexpr (kIn == Storage::kShared) {
       return std::min(blocks_held(shared_bytes()), 3);
     } else {
-      return (sizeof(scalar_t) == 2 ? kSize <= 3 : kSize <= 2) ? 3 : 2;
+      return sizeof(scalar_t) == 2 && kSize <= 2 ? 3 : 2;
     }
   }
 };
@@ -206,7 +208,7 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, Rings<scalar_t, kColumns
         for (int e = 0; e < kColumns; ++e) {
           out.v[e] = static_cast<scalar_t>(gradient_of_input(k, out_p.v[e], out_values.v[e], g_sum.v[e]));
         }
-        *reinterpret_cast<Lanes<scalar_t, kColumns>*>(dx + out_row * s.width) = out;
+        *reinterpret_cast<Lanes<scalar_t, kColumns>*>(plane_row(dx, s, out_row)) = out;
       }
     }
   }

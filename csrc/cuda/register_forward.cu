@@ -63,14 +63,15 @@ constexpr int kPrefetchRows =
 template <int kWidth>
 constexpr int kReach = kWidth / 2;
 
-// Where a thread's rings lie: in registers where the column sums' ring takes at most 20 (four
-// columns up to 5x5, eight at 2x2). On an H200 (32x64x112x112, float32 / bfloat16, us) the rings
+// Where a thread's rings lie: in registers where the column sums' ring takes fewer than 20 (four
+// columns up to 4x4, eight at 2x2; float32 5x5 in registers spilled 40 bytes, 63.1 us against
+// 60.8 in shared memory). On an H200 (32x64x112x112, float32 / bfloat16, us) the rings
 // of 6x6 in registers took 75.3 / 45.1 with two blocks a multiprocessor and none spilled, 7x7 76.7
 // / 52.0; in shared memory, four blocks: 60.9 / 44.2 and 61.5 / 46.2. At 3x3 shared memory lost
 // (62.5 / 41.5 against 60.6 / 39.9), but won for eight columns of bfloat16 (35.0 against 37.3 in
 // registers with three blocks).
 template <int kHeight, int kColumns>
-constexpr Storage kRingsIn = kHeight * kColumns <= 20 ? Storage::kRegisters : Storage::kShared;
+constexpr Storage kRingsIn = kHeight * kColumns < 20 ? Storage::kRegisters : Storage::kShared;
 
 // A thread's rings; a block of the kernel below takes shared_bytes() of shared memory.
 template <typename scalar_t, int kColumns, int kHeight>
@@ -135,7 +136,7 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<kColumns, kHe
         if (missed) {
           out = outputs(ExactPowers()).first;
         }
-        *reinterpret_cast<Lanes<scalar_t, kColumns>*>(y + out_row * s.width) = out;
+        *reinterpret_cast<Lanes<scalar_t, kColumns>*>(plane_row(y, s, out_row)) = out;
       }
     }
   }

@@ -39,6 +39,7 @@ constexpr unsigned int kAllLanes = 0xffffffffu;
 struct Segments {
   int height;
   int width;
+  int row_bytes;   // from one row of a plane to the next
   int lanes_log2;  // lanes per segment: 4 to 32
   int halo_lanes;  // on each side
   int band_rows;   // of every band but perhaps a plane's last
@@ -74,6 +75,19 @@ __device__ inline Place locate(const Segments& s) {
   place.reads = segment < s.count && column >= 0 && column < s.width;
   place.writes = place.reads && lane >= s.halo_lanes && lane < s.lanes() - s.halo_lanes;
   return place;
+}
+
+// Where row `row` of the plane at `plane` starts: one 32 x 32-bit multiply-add into 64 bits. In
+// C++ (even as unsigned numbers) NVVM widened the row's bytes and multiplied in 64 bits, which
+// took four instructions an address; a product of int took five. The sum stays in C++ so that
+// the compiler still knows the address global. Only rows of the plane are read or written, so
+// that `row` is never negative where it matters.
+template <typename T>
+__device__ inline T* plane_row(T* plane, const Segments& s, int row) {
+  using Byte = std::conditional_t<std::is_const_v<T>, const unsigned char, unsigned char>;
+  uint64_t offset;
+  asm("mul.wide.u32 %0, %1, %2;" : "=l"(offset) : "r"(row), "r"(s.row_bytes));
+  return reinterpret_cast<T*>(reinterpret_cast<Byte*>(plane) + offset);
 }
 
 // The groups of values at a thread's kColumns columns of a plane's rows, the row `row` at step 0
@@ -132,7 +146,7 @@ class RowQueue {
     return static_cast<unsigned>(step - first_) < static_cast<unsigned>(count_);
   }
 
-  __device__ const scalar_t* address(int step) const { return plane_ + (row_ + step) * s_.width; }
+  __device__ const scalar_t* address(int step) const { return plane_row(plane_, s_, row_ + step); }
 
   __device__ Group load(int step) const {
     return wanted(step) ? *reinterpret_cast<const Group*>(address(step)) : Group(0);
@@ -142,9 +156,15 @@ class RowQueue {
   __device__ void prefetch(int first_step) const {
 #pragma unroll
     for (int i = 0; i < kPrefetchRows; ++i) {
-      if (wanted(first_step + i)) {
-        asm volatile("prefetch.global.L2 [%0];" ::"l"(address(first_step + i)));
-      }
+      // Predicated rather than branched around: a branch a row cost a divergence region
+      // (three instructions) on top of the prefetch.
+      asm volatile(
+          "{\n"
+          "  .reg .pred wanted;\n"
+          "  setp.ne.u32 wanted, %1, 0;\n"
+          "  @wanted prefetch.global.L2 [%0];\n"
+          "}" ::"l"(address(first_step + i)),
+          "r"(static_cast<unsigned>(wanted(first_step + i))));
     }
   }
 
@@ -465,7 +485,7 @@ int64_t resident_warps(Kernel kernel, size_t shared_bytes) {
 // Segments of 32, 16, 8 or 4 lanes, whichever has the fewest lanes in all for the plane's width
 // (ties: the widest, whose halo lanes are fewer): on either side as many halo lanes as `reach`
 // columns beyond a thread's own take, and at least one lane that writes. Nothing where a plane's
-// offsets or the indices would not fit 32 bits.
+// offsets, a row's bytes or the indices would not fit 32 bits.
 //
 // Bands of kMinBandRows to kMaxBandRows rows, evened out over the plane, each reading rows_beyond
 // rows more: as tall as the waves of resident warps (at least one) allow. A segment's warp takes about a step
@@ -473,14 +493,14 @@ int64_t resident_warps(Kernel kernel, size_t shared_bytes) {
 // fewest wins, ties the fewest bands. Tall bands read fewer halo rows, but a last wave that is
 // mostly empty leaves the GPU idle for as long as a full one (bfloat16 3x3 gradient on an H200,
 // 32x64x112x112 in 2.6 waves of bands of 28 rows: 74 us; in 1.3 waves of 56 rows: 84 us).
-inline std::optional<Segments> segments_for(const PlaneShape& shape, int columns, int reach, int rows_beyond,
-                                            int64_t resident_warps) {
+inline std::optional<Segments> segments_for(const PlaneShape& shape, int value_bytes, int columns, int reach,
+                                            int rows_beyond, int64_t resident_warps) {
   const int halo_lanes = lanes_reached(reach, columns);
   constexpr int kMinBandRows = 16;
   constexpr int kMaxBandRows = 64;
   constexpr int64_t kLimit = std::numeric_limits<int>::max();
   if (shape.height + kMaxBandRows + rows_beyond > kLimit || shape.width + 2 * halo_lanes * columns > kLimit ||
-      shape.height * shape.width > kLimit) {
+      shape.height * shape.width > kLimit || shape.width * value_bytes > kLimit) {
     return std::nullopt;
   }
   const int64_t groups = shape.width / columns;
@@ -515,6 +535,7 @@ inline std::optional<Segments> segments_for(const PlaneShape& shape, int columns
   }
   return Segments{static_cast<int>(shape.height),
                   static_cast<int>(shape.width),
+                  static_cast<int>(shape.width * value_bytes),
                   lanes_log2,
                   halo_lanes,
                   static_cast<int>(rows),
@@ -524,11 +545,12 @@ inline std::optional<Segments> segments_for(const PlaneShape& shape, int columns
                   static_cast<unsigned int>(count)};
 }
 
-// Launches kernel(pointers..., segments, k) on the current stream over the planes cut into
-// segments of threads owning `columns` columns each, whose windows reach `reach` columns beyond
-// them and rows_beyond rows beyond a band (segments_for), with shared_bytes of dynamic
-// shared memory a block; false, launching nothing, where they cannot be, or where the device
-// offers a block less shared memory than that (float32 17x17 takes 100 KB, sm_86 offers 99).
+// Launches kernel(pointers..., segments, k) on the current stream over the planes (of the values
+// the pointers point at) cut into segments of threads owning `columns` columns each, whose windows
+// reach `reach` columns beyond them and rows_beyond rows beyond a band (segments_for), with
+// shared_bytes of dynamic shared memory a block; false, launching nothing, where they cannot be,
+// or where the device offers a block less shared memory than that (float32 17x17 takes 100 KB,
+// sm_86 offers 99).
 template <typename Kernel, typename Coefficients, typename... Pointers>
 bool launch_over_segments(Kernel kernel, const PlaneShape& shape, int columns, int reach, int rows_beyond,
                           size_t shared_bytes, const Coefficients& k, Pointers... pointers) {
@@ -536,9 +558,10 @@ bool launch_over_segments(Kernel kernel, const PlaneShape& shape, int columns, i
     return false;
   }
   ask_for_shared_memory(kernel, shared_bytes);
+  constexpr int kValueBytes = static_cast<int>(std::max({sizeof(*std::declval<Pointers>())...}));
   const int64_t warps = resident_warps(kernel, shared_bytes);
   const std::optional<Segments> segments =
-      warps > 0 ? segments_for(shape, columns, reach, rows_beyond, warps) : std::nullopt;
+      warps > 0 ? segments_for(shape, kValueBytes, columns, reach, rows_beyond, warps) : std::nullopt;
   if (!segments) {
     return false;
   }
