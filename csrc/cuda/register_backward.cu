@@ -20,6 +20,7 @@
 #include "register_rows.cuh"
 
 #include <algorithm>
+#include <numeric>
 #include <type_traits>
 
 namespace spatialnorm::cuda {
@@ -35,10 +36,13 @@ constexpr int kLargestWindow = std::is_same_v<at::opmath_type<scalar_t>, float> 
 // On an H200 (32x64x112x112, us) four / eight columns took bfloat16 2x2 62.5 / 54.4, 3x3 71.5 /
 // 65.4, 4x4 75.7 / 67.0, 5x5 89.6 / 75.7; float16 within 1.5 us of those.
 constexpr int kLargestWide = 5;
-// Loads of X and of dY in flight per thread ahead of the row it sums (three: no faster, more
-// registers; eight columns of bfloat16 on an H200 took 2x2 54.5, 3x3 67.1, 4x4 68.0, 5x5 78.4 us
-// with three, against 54.4, 65.4, 67.0, 75.7 with two).
-constexpr int kRowsAhead = 2;
+// Loads of X and of dY in flight per thread ahead of the row it sums: two, one for eight columns
+// from 4x4, whose rings leave the fewest registers. On an H200 (32x64x112x112, bfloat16, us), two
+// / one: eight columns 2x2 49.0 / 52.2, 3x3 61.5 / 62.8, 4x4 64.1 / 62.4, 5x5 78.5 / 71.8 (the
+// loops unrolled to whole turns of the queues, kUnrolled); four columns 6x6 86.1 / 88.1, 8x8
+// 90.9 / 93.3. (Three: no faster than two, more registers.)
+template <int kColumns, int kSize>
+constexpr int kRowsAhead = kColumns == kWideColumns && kSize >= 4 ? 1 : 2;
 // Rows a prefetch into L2 takes at once (RowQueue), of X and of dY: 4, and 2 for eight columns from
 // 5x5 (1 KB a segment of 32 lanes). On an H200 (32x64x112x112) float32 2x2..5x5 took
 // 92.6/109.8/112.0/123.2 us without prefetches, 91.4/90.8/93.4/118.1 with runs of 4 rows (runs of
@@ -49,6 +53,14 @@ constexpr int kRowsAhead = 2;
 // 92.7/107.4/109.6/123.1.
 template <int kColumns, int kSize>
 constexpr int kPrefetchRows = kColumns == kWideColumns && kSize >= 5 ? 2 : 4;
+// Steps the loop unrolls: a turn of the rings (kSize steps), and up to 4x4 as many as make whole
+// turns of the queues too (RowQueue). From 5x5 an odd window's loop of twice the length lost to the
+// queues' copies: on an H200 (32x64x112x112, us) float32 5x5 / 7x7 / 9x9 took 98.3 / 105.6 /
+// 134.5 with a turn of the rings, 101.6 / 110.3 / 138.1 with two; at 3x3 two won (89.7 / 86.9,
+// bfloat16 63.2 / 61.5), as whole turns did at every even size (float32 2x2 88.8 / 83.5, 8x8
+// 105.7 / 103.3).
+template <int kColumns, int kSize>
+constexpr int kUnrolled = kSize >= 5 ? kSize : std::lcm(kSize, kRowsAhead<kColumns, kSize>);
 // M(G) at a lane's columns needs G up to kSize / 2 columns beyond them, and that G needs T, so
 // the squares, as far again: the lanes that twice the reach takes at a segment's ends only lend.
 template <int kSize>
@@ -132,15 +144,17 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, Rings<scalar_t, kColumns
   constexpr int kBefore = kSize / 2, kAfter = (kSize - 1) / 2;  // W's extent; M's is its mirror image
   constexpr int kLag = kSize - 1;                                 // steps from reading a row to writing it
   constexpr int kPrefetch = kPrefetchRows<kColumns, kSize>;
+  constexpr int kAhead = kRowsAhead<kColumns, kSize>;
+  constexpr int kSteps = kUnrolled<kColumns, kSize>;
   const Place place = locate<kColumns>(s);
   const scalar_t* x = input + place.plane_offset;
   const scalar_t* dy = grad_output + place.plane_offset;
   scalar_t* dx = grad_input + place.plane_offset;
   // The row of X read at step 0; T and G of row r are made at step r - first_row + kAfter.
   const int first_row = place.row0 - kLag;
-  RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetch> x_rows(x, s, place, first_row);
+  RowQueue<scalar_t, kColumns, kAhead, kPrefetch, kSteps> x_rows(x, s, place, first_row);
   // dY of the row whose T a step makes, from the first that makes one.
-  RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetch, kLag> dy_rows(dy, s, place, first_row - kAfter);
+  RowQueue<scalar_t, kColumns, kAhead, kPrefetch, kSteps, kLag> dy_rows(dy, s, place, first_row - kAfter);
   using KernelRings = Rings<scalar_t, kColumns, kSize>;
   // X of the row a step writes, where the rings do not keep it (made by a lambda so that kernels
   // whose rings keep X build no queue: its prefetches, asm volatile, would stay).
@@ -148,16 +162,17 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, Rings<scalar_t, kColumns
     if constexpr (KernelRings::kKeepsX) {
       return 0;
     } else {
-      return RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetch, 2 * kLag>(x, s, place, first_row - kLag);
+      return RowQueue<scalar_t, kColumns, kAhead, kPrefetch, kSteps, 2 * kLag>(x, s, place, first_row - kLag);
     }
   }();
   extern __shared__ __align__(16) unsigned char shared[];
   unsigned char* free_shared = shared;
   KernelRings rings(free_shared);
-  for (int base = 0; base < s.steps; base += kSize) {
+  for (int base = 0; base < s.steps; base += kSteps) {
 #pragma unroll
-    for (int slot = 0; slot < kSize; ++slot) {
-      const int step = base + slot;
+    for (int unrolled = 0; unrolled < kSteps; ++unrolled) {
+      const int step = base + unrolled;
+      const int slot = unrolled % kSize;
       if (step >= s.steps) {  // the same for every lane
         break;
       }

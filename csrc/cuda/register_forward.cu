@@ -47,9 +47,13 @@ constexpr int kLargestWide = 11;
 // of two rows' prefetches).
 template <int kColumns, int kHeight>
 constexpr int kMinBlocks = kColumns == kWideColumns && kHeight >= 6 ? 3 : 4;
-// Loads in flight per thread ahead of the row it sums (three, for eight columns of bfloat16: 1-6 us
-// slower from 3x3 to 9x9 on an H200).
-constexpr int kRowsAhead = 2;
+// Loads in flight per thread ahead of the row it sums: one, the next row's. With the rows
+// prefetched into L2 a step's work covers the load, and a second load in flight took four to eight
+// registers, which the larger windows missed: on an H200 (32x64x112x112, float32 / bfloat16, us)
+// two / one took 3x3 59.9 / 59.4 and 34.2 / 33.3, 5x5 60.9 / 60.1 and 37.2 / 36.1, 9x9 63.2 / 62.0
+// and 44.3 / 43.5, 13x13 86.1 / 75.1 and 60.2 / 58.7, 17x17 94.3 / 83.6 and 75.4 / 73.2 (three,
+// for eight columns of bfloat16, had been 1-6 us slower than two from 3x3 to 9x9).
+constexpr int kRowsAhead = 1;
 // Rows a prefetch into L2 takes at once (RowQueue): about 1 KB a segment of 32 lanes, 2 KB for
 // eight columns from 6x6 on. On an H200 (32x64x112x112, 3x3) float32 took 67.5 us without
 // prefetches, 60.8 with runs of 2 rows, 65.6 of 4, 76.7 of 8; bfloat16 45.5 without, 41.4 with
@@ -101,8 +105,8 @@ __global__ void __launch_bounds__(kSegmentBlockThreads, kMinBlocks<kColumns, kHe
   const Place place = locate<kColumns>(s);
   const scalar_t* x = input + place.plane_offset;
   scalar_t* y = output + place.plane_offset;
-  RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetchRows<scalar_t, kColumns, kHeight>> queue(x, s, place,
-                                                                                             place.row0 - kTop);
+  RowQueue<scalar_t, kColumns, kRowsAhead, kPrefetchRows<scalar_t, kColumns, kHeight>, kHeight> queue(
+      x, s, place, place.row0 - kTop);
   extern __shared__ __align__(16) unsigned char shared[];
   unsigned char* free_shared = shared;
   Rings<scalar_t, kColumns, kHeight> rings(free_shared);
