@@ -104,11 +104,11 @@ __device__ inline T* plane_row(T* plane, const Segments& s, int row) {
 // their loads.
 //
 // The caller's loop unrolls kUnrolled steps at a time from step 0: where that is a whole number of
-// turns of the queue, each step's place in it is known at compile time; elsewhere the queue rotates, and ptxas
-// copies each of its registers every step (four to eight copies in a step of some 190 instructions
-// of the bfloat16 forward, 27 in 380 of its gradient). A loop unrolled to whole turns of an odd
-// window's rings and of two loads ahead is twice as long, which can cost more than the copies
-// (register_backward.cu).
+// turns of the queue, each step's place in it is known at compile time; elsewhere the queue
+// rotates, and ptxas copies each of its registers every step (the bfloat16 forward at 5x5: four
+// moves in a step of some 200 instructions; its gradient: 27 moves a step with two loads ahead
+// rotating, 16 with one). A loop unrolled to whole turns of an odd window's rings and of two loads
+// ahead is twice as long, which can cost more than the copies (register_backward.cu).
 template <typename scalar_t, int kColumns, int kAhead, int kPrefetchRows, int kUnrolled, int kFirstStep = 0>
 class RowQueue {
   static_assert(kAhead > 0 && kPrefetchRows > 0, "rows are loaded and prefetched ahead");
