@@ -55,10 +55,10 @@ template <int kColumns, int kSize>
 constexpr int kPrefetchRows = kColumns == kWideColumns && kSize >= 5 ? 2 : 4;
 // Steps the loop unrolls: a turn of the rings (kSize steps), and up to 4x4 as many as make whole
 // turns of the queues too (RowQueue). From 5x5 an odd window's loop of twice the length lost to the
-// queues' copies: on an H200 (32x64x112x112, us) float32 5x5 / 7x7 / 9x9 took 98.3 / 105.6 /
-// 134.5 with a turn of the rings, 101.6 / 110.3 / 138.1 with two; at 3x3 two won (89.7 / 86.9,
-// bfloat16 63.2 / 61.5), as whole turns did at every even size (float32 2x2 88.8 / 83.5, 8x8
-// 105.7 / 103.3).
+// queues' copies in float32: on an H200 (32x64x112x112, us) float32 5x5 / 7x7 / 9x9 took 98.3 /
+// 105.6 / 134.5 with a turn of the rings, 101.6 / 110.3 / 138.1 with two (bfloat16 7x7 / 9x9 96.4
+// / 111.4 and 94.4 / 108.6); at 3x3 two won (89.7 / 86.9, bfloat16 63.2 / 61.5), as whole turns
+// did at every even size (float32 2x2 88.8 / 83.5, 8x8 105.7 / 103.3).
 template <int kColumns, int kSize>
 constexpr int kUnrolled = kSize >= 5 ? kSize : std::lcm(kSize, kRowsAhead<kColumns, kSize>);
 // M(G) at a lane's columns needs G up to kSize / 2 columns beyond them, and that G needs T, so
