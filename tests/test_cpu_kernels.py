@@ -105,10 +105,9 @@ def test_block_sums_with_the_vectors_aten_cpu_capability_allows(capability):
 def test_window_sums_stay_in_their_buffers(tmp_path):
     """tests/window_sums_bounds.cpp under AddressSanitizer: planes 1 to 70 wide, windows 1 to 40
     wide, float and double, of values and of their squares (squared as the sums read them),
-    against direct sums, in the vectors of each ATEN_CPU_CAPABILITY. The
-    last tile along a row was once transposed whole out of a buffer that ended inside it: a read
-    past its end that crashed only where the buffer ended a page (the gradient at 1x64x56x56,
-    31x31, two threads)."""
+    against direct sums, in the vectors of each ATEN_CPU_CAPABILITY. The last tile along a row
+    was once transposed whole out of a buffer that ended inside it: a read past its end that
+    crashed only where the buffer ended a page (the gradient at 1x64x56x56, 31x31, two threads)."""
     from torch.utils import cpp_extension
 
     binary = tmp_path / "window_sums_bounds"

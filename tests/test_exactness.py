@@ -199,11 +199,12 @@ def test_square_windows_over_rows_of_groups_of_four(backend, dtype, size, genera
     of whole groups of four values with each thread's sums to itself (register_forward.cu,
     register_backward.cu; a thread of the 16-bit forward owns eight columns up to 11x11, of the
     16-bit gradient up to 5x5, where the rows are groups of eight, here all widths but 4 and 124,
-    and their rings lie in shared memory from 3x3; from 6x6, and the float32 gradient from 5x5,
-    they lie in shared memory and go down the columns by blocks; the float32 gradient at 9x9 loads
-    X again for its output; with four columns two lanes on each side of a segment only lend from
-    10x10 in the forward, from 6x6 in the gradient), larger ones in tiles: planes 4 to 124 wide
-    take segments of 4 to 32 lanes, one or several across a row, and bands of 16 to 64 rows, a plane's last one shorter (or the whole
+    and their rings lie in shared memory from 3x3; from 5x5 in the four-column forward and the
+    float32 gradient, from 6x6 in the 16-bit four-column gradient, they lie in shared memory and go
+    down the columns by blocks; the float32 gradient at 9x9 loads X again for its output; with four
+    columns two lanes on each side of a segment only lend from 10x10 in the forward, from 6x6 in
+    the gradient), larger ones in tiles: planes 4 to 124 wide take segments of 4 to 32 lanes, one
+    or several across a row, and bands of 16 to 64 rows, a plane's last one shorter (or the whole
     plane, where it is shorter than that).
     Spikes, NaN and infinities stay in their windows; the zero rows with delta 1e-8 and beta 5 make
     powers beyond float32's range."""

@@ -1,8 +1,8 @@
 // Runs csrc/cpu/window_sums.h over every plane width from 1 to 70 and windows from 1 to 40 wide,
 // in float and double, of the values and of their squares, bands of several heights, against
-// direct sums. Built with AddressSanitizer by test_cpu_kernels.py: the window sums load and transpose whole tiles of vectors, and a read
-// past a buffer's end only faults where the buffer ends a page (it did, in a worker thread's
-// arena), so the sanitizer is what checks every buffer.
+// direct sums. Built with AddressSanitizer by test_cpu_kernels.py: the window sums load and
+// transpose whole tiles of vectors, and a read past a buffer's end only faults where the buffer
+// ends a page (it did, in a worker thread's arena), so the sanitizer is what checks every buffer.
 #include "../csrc/cpu/window_sums.h"
 
 #include <cmath>
